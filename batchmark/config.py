@@ -1,0 +1,63 @@
+"""Configuration in one place: every setting is an environment variable with a default for local runs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(name: str, default: str) -> str:
+    value = os.environ.get(name, "").strip()
+    return value or default
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where every service and file lives. Built from the environment by :func:`load`."""
+
+    home: Path
+    bootstrap_servers: str
+    database_url: str
+    lake: Path
+    spark_master: str
+    airflow_home: Path
+    definitions_path: Path
+    gx_root: Path
+    events_topic: str = "events"
+    dlq_topic: str = "events.dlq"
+    partitions: int = 2
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """DATABASE_URL in the form SQLAlchemy (GX, Airflow) wants."""
+        url = self.database_url
+        for prefix in ("postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg2://" + url[len(prefix) :]
+        return url
+
+    @property
+    def events_lake(self) -> Path:
+        return self.lake / "events"
+
+
+def load() -> Settings:
+    """Read the settings from the environment (defaults: everything on 127.0.0.1 under ./.batchmark)."""
+    home = Path(_env("BATCHMARK_HOME", str(REPO_ROOT / ".batchmark"))).resolve()
+    return Settings(
+        home=home,
+        bootstrap_servers=_env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092"),
+        database_url=_env("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/batchmark"),
+        lake=Path(_env("BATCHMARK_LAKE", str(home / "lake"))).resolve(),
+        spark_master=_env("SPARK_MASTER", "local[*]"),
+        airflow_home=Path(_env("AIRFLOW_HOME", str(home / "airflow"))).resolve(),
+        definitions_path=Path(_env("BATCHMARK_DEFINITIONS", str(REPO_ROOT / "batchmark" / "metrics.toml"))),
+        gx_root=Path(_env("BATCHMARK_GX_ROOT", str(REPO_ROOT / "expectations"))).resolve(),
+        events_topic=_env("BATCHMARK_EVENTS_TOPIC", "events"),
+        dlq_topic=_env("BATCHMARK_DLQ_TOPIC", "events.dlq"),
+        partitions=int(_env("BATCHMARK_PARTITIONS", "2")),
+    )

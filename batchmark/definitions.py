@@ -1,0 +1,262 @@
+"""Dataset and metric definitions, loaded from one TOML file (see ``metrics.toml``).
+
+A metric is declared once; the stream worker, the Spark job and the GX suite all derive from it.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from batchmark.errors import ConfigError
+
+FIELD_TYPES = ("string", "float", "int")
+RESERVED = {"event_id", "event_time_ms", "event_date", "_partition", "_offset"}
+_DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d)\s*$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+DAY_MS = 86_400_000
+
+
+def parse_duration_ms(text: str | int) -> int:
+    """'1m' -> 60000. Integers are taken as milliseconds."""
+    if isinstance(text, int):
+        return text
+    m = _DURATION.match(str(text))
+    if not m:
+        raise ConfigError(f"bad duration {text!r}: write a number and a unit, e.g. '30s', '1m', '1h'")
+    return int(m.group(1)) * _UNIT_MS[m.group(2)]
+
+
+def parse_time_ms(text: str) -> int:
+    """ISO-8601 with a zone -> epoch milliseconds."""
+    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if dt.tzinfo is None:
+        raise ConfigError(f"time {text!r} has no zone: add 'Z' or '+00:00'")
+    return int(dt.timestamp() * 1000)
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One typed field of the dataset with its accepted range."""
+
+    name: str
+    type: str
+    min: float | None = None
+    max: float | None = None
+    max_length: int = 256
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """The event schema: which source fields carry identity, time and the measured values."""
+
+    name: str
+    event_id: str
+    event_time: str
+    partition_key: str
+    fields: tuple[FieldSpec, ...]
+    min_event_time_ms: int
+    max_event_time_ms: int
+
+    @property
+    def field_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.fields)
+
+    def field(self, name: str) -> FieldSpec:
+        for f in self.fields:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+
+_ALLOWED_NODES = (
+    ast.Expression,
+    ast.BinOp,
+    ast.UnaryOp,
+    ast.Name,
+    ast.Load,
+    ast.Constant,
+    ast.Add,
+    ast.Sub,
+    ast.Mult,
+    ast.Div,
+    ast.USub,
+    ast.UAdd,
+)
+
+
+def compile_value(expr: str, numeric_fields: set[str]) -> tuple[Callable[[dict[str, Any]], float], str]:
+    """Compile a metric's value expression ('cpu * duration_s') for Python, and return its Spark SQL text.
+
+    Only field names, numbers and + - * / are allowed, so the same text means the same thing to both engines.
+    """
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except SyntaxError as exc:
+        raise ConfigError(f"value expression {expr!r} is not valid: {exc.msg}") from None
+    for node in ast.walk(tree):
+        if not isinstance(node, _ALLOWED_NODES):
+            raise ConfigError(f"value expression {expr!r} may only use field names, numbers and + - * /")
+        if isinstance(node, ast.Name) and node.id not in numeric_fields:
+            raise ConfigError(
+                f"value expression {expr!r} names {node.id!r}, which is not a numeric field "
+                f"of the dataset ({', '.join(sorted(numeric_fields))})"
+            )
+        if isinstance(node, ast.Constant) and not isinstance(node.value, int | float):
+            raise ConfigError(f"value expression {expr!r} has a non-numeric constant")
+
+    class _ToSubscript(ast.NodeTransformer):
+        def visit_Name(self, node: ast.Name) -> ast.AST:
+            return ast.copy_location(
+                ast.Subscript(value=ast.Name(id="r", ctx=ast.Load()), slice=ast.Constant(node.id), ctx=ast.Load()),
+                node,
+            )
+
+    body = _ToSubscript().visit(tree).body
+    fn_tree = ast.Expression(
+        body=ast.Lambda(
+            args=ast.arguments(posonlyargs=[], args=[ast.arg("r")], kwonlyargs=[], kw_defaults=[], defaults=[]),
+            body=body,
+        )
+    )
+    ast.fix_missing_locations(fn_tree)
+    fn = eval(compile(fn_tree, f"<metric value {expr}>", "eval"), {"__builtins__": {}})  # noqa: S307 (checked above)
+    sql = " ".join(f"`{tok}`" if tok in numeric_fields else tok for tok in re.findall(r"[A-Za-z_]\w*|\S", expr))
+    return fn, sql
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric: what to aggregate, per which keys, over which event-time window, and how exact it must be."""
+
+    name: str
+    kind: str
+    group_by: tuple[str, ...]
+    window_ms: int
+    allowed_lateness_ms: int
+    tolerance: float
+    value_expr: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    value_fn: Callable[[dict[str, Any]], float] | None = field(default=None, compare=False, repr=False)
+    value_sql: str | None = None
+
+
+@dataclass(frozen=True)
+class Definitions:
+    """The dataset and its metrics."""
+
+    dataset: Dataset
+    metrics: tuple[Metric, ...]
+    source: Path | None = None
+
+    def metric(self, name: str) -> Metric:
+        for m in self.metrics:
+            if m.name == name:
+                return m
+        known = ", ".join(m.name for m in self.metrics)
+        raise ConfigError(f"unknown metric {name!r}; the definitions have: {known}")
+
+
+def _dataset(raw: dict[str, Any]) -> Dataset:
+    fields = []
+    for name, spec in (raw.get("fields") or {}).items():
+        if not _NAME.match(name) or name in RESERVED:
+            raise ConfigError(f"field name {name!r} is not allowed: use lower_snake_case, not {sorted(RESERVED)}")
+        ftype = spec.get("type", "string")
+        if ftype not in FIELD_TYPES:
+            raise ConfigError(f"field {name!r} has type {ftype!r}; use one of {FIELD_TYPES}")
+        fields.append(
+            FieldSpec(
+                name=name,
+                type=ftype,
+                min=spec.get("min"),
+                max=spec.get("max"),
+                max_length=int(spec.get("max_length", 256)),
+            )
+        )
+    if not fields:
+        raise ConfigError("[dataset.fields] is empty: list the fields your events carry")
+    ds = Dataset(
+        name=raw.get("name", "dataset"),
+        event_id=raw.get("event_id", "event_id"),
+        event_time=raw.get("event_time", "event_time"),
+        partition_key=raw.get("partition_key", fields[0].name),
+        fields=tuple(fields),
+        min_event_time_ms=parse_time_ms(raw.get("min_event_time", "2000-01-01T00:00:00Z")),
+        max_event_time_ms=parse_time_ms(raw.get("max_event_time", "2100-01-01T00:00:00Z")),
+    )
+    if ds.partition_key not in ds.field_names:
+        raise ConfigError(f"partition_key {ds.partition_key!r} is not one of the fields")
+    return ds
+
+
+METRIC_KINDS = ("count", "sum", "mean", "min", "max")
+
+
+def _metric(raw: dict[str, Any], ds: Dataset) -> Metric:
+    name = raw.get("name", "")
+    if not _NAME.match(name):
+        raise ConfigError(f"metric name {name!r} must be lower_snake_case (letters, digits, _)")
+    kind = raw.get("kind")
+    if kind not in METRIC_KINDS:
+        raise ConfigError(f"metric {name!r}: kind {kind!r} is not one of {METRIC_KINDS}")
+    group_by = tuple(raw.get("group_by", []))
+    for key in group_by:
+        if key not in ds.field_names:
+            raise ConfigError(f"metric {name!r}: group_by field {key!r} is not a dataset field")
+    if group_by and ds.partition_key not in group_by:
+        raise ConfigError(
+            f"metric {name!r}: group_by must include the partition key {ds.partition_key!r} "
+            "so that each group is computed by one stream worker"
+        )
+    window_ms = parse_duration_ms(raw.get("window", "1m"))
+    if window_ms <= 0 or DAY_MS % window_ms:
+        raise ConfigError(f"metric {name!r}: window must divide one day evenly (e.g. 1m, 5m, 1h)")
+    numeric = {f.name for f in ds.fields if f.type in ("float", "int")}
+    value_expr = raw.get("value")
+    value_fn = value_sql = None
+    if kind != "count":
+        if not value_expr:
+            raise ConfigError(f"metric {name!r}: kind {kind!r} needs a 'value' expression, e.g. value = \"cpu\"")
+        value_fn, value_sql = compile_value(value_expr, numeric)
+    tolerance = float(raw.get("tolerance", 0.0))
+    if not 0.0 <= tolerance < 1e6:
+        raise ConfigError(f"metric {name!r}: tolerance must be >= 0")
+    return Metric(
+        name=name,
+        kind=kind,
+        group_by=group_by,
+        window_ms=window_ms,
+        allowed_lateness_ms=parse_duration_ms(raw.get("allowed_lateness", "0s")),
+        tolerance=tolerance,
+        value_expr=value_expr,
+        params=dict(raw.get("params", {})),
+        value_fn=value_fn,
+        value_sql=value_sql,
+    )
+
+
+def load_definitions(path: Path | str) -> Definitions:
+    """Read and check a definitions file; every problem is reported with what to fix."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"definitions file {path} does not exist (set BATCHMARK_DEFINITIONS)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"definitions file {path} is not valid TOML: {exc}") from None
+    ds = _dataset(raw.get("dataset", {}))
+    metrics = tuple(_metric(m, ds) for m in raw.get("metric", []))
+    if not metrics:
+        raise ConfigError(f"{path} defines no [[metric]]")
+    names = [m.name for m in metrics]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: metric names must be unique")
+    return Definitions(dataset=ds, metrics=metrics, source=path)

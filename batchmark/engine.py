@@ -1,0 +1,123 @@
+"""The stream-side computation, independent of Faust: window state per partition, watermarks, closing.
+
+The Faust agent (streaming/app.py) feeds events here and writes what ``close_ready`` returns. Keeping it
+apart from Faust makes it testable on its own and lets the replay tests and benchmarks drive it directly.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from batchmark.aggregates import Aggregate, aggregate_for
+from batchmark.definitions import Definitions, Metric
+from batchmark.windows import is_closed, window_start
+
+
+@dataclass(frozen=True, slots=True)
+class WindowResult:
+    """The final value of one metric for one group in one window."""
+
+    metric: str
+    group_key: str
+    window_start_ms: int
+    window_end_ms: int
+    value: float
+    n_events: int
+
+
+@dataclass
+class _MetricState:
+    metric: Metric
+    agg: Aggregate
+    # (window_start, group_key) -> [aggregate state, event count, offset of its first event]
+    windows: dict[tuple[int, str], list[Any]] = field(default_factory=dict)
+    # window_start -> events dropped because they came after the window closed
+    late: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+
+
+def group_key(event: dict[str, Any], keys: tuple[str, ...]) -> str:
+    """The text key of an event's group ('' for a metric over all events)."""
+    if len(keys) == 1:
+        return str(event[keys[0]])
+    return "|".join(str(event[k]) for k in keys)
+
+
+class PartitionState:
+    """Open windows and the watermark of one topic partition."""
+
+    def __init__(self, defs: Definitions) -> None:
+        self.watermark_ms = -(2**62)
+        self.metrics = [_MetricState(m, aggregate_for(m.kind, m.params)) for m in defs.metrics]
+        self.late_events = 0
+
+    def add(self, event: dict[str, Any], offset: int = 0, count_late: bool = True) -> None:
+        """Fold one clean event into every metric's open window, or count it late.
+
+        count_late=False is for events re-read after a restart: one that falls in a closed window was
+        already counted (in the window's result, or as late) before the checkpoint.
+        """
+        ts = event["event_time_ms"]
+        wm = self.watermark_ms
+        for ms in self.metrics:
+            m = ms.metric
+            start = window_start(ts, m.window_ms)
+            if is_closed(start, m.window_ms, m.allowed_lateness_ms, wm):
+                if count_late:
+                    ms.late[start] += 1
+                    self.late_events += 1
+                continue
+            key = (start, group_key(event, m.group_by))
+            slot = ms.windows.get(key)
+            if slot is None:
+                slot = ms.windows[key] = [ms.agg.new(), 0, offset]
+            value = m.value_fn(event) if m.value_fn is not None else 1.0
+            slot[0] = ms.agg.add(slot[0], value)
+            slot[1] += 1
+        if ts > wm:
+            self.watermark_ms = ts
+
+    def advance(self, watermark_ms: int) -> None:
+        """Move the watermark forward (e.g. an end-of-stream punctuation); never backwards."""
+        if watermark_ms > self.watermark_ms:
+            self.watermark_ms = watermark_ms
+
+    def close_ready(self, flush_all: bool = False) -> tuple[list[WindowResult], list[tuple[int, tuple[int, str]]]]:
+        """Results of every window the watermark has closed (all if flush_all), and their keys for ``forget``.
+
+        Nothing is removed here, so a failed write loses nothing: call ``forget`` once the results are stored.
+        """
+        out: list[WindowResult] = []
+        keys: list[tuple[int, tuple[int, str]]] = []
+        wm = self.watermark_ms
+        for i, ms in enumerate(self.metrics):
+            m = ms.metric
+            for k, (state, n, _) in ms.windows.items():
+                if flush_all or is_closed(k[0], m.window_ms, m.allowed_lateness_ms, wm):
+                    out.append(WindowResult(m.name, k[1], k[0], k[0] + m.window_ms, ms.agg.result(state), n))
+                    keys.append((i, k))
+        return out, keys
+
+    def forget(self, keys: list[tuple[int, tuple[int, str]]]) -> None:
+        """Drop windows whose results are stored."""
+        for i, k in keys:
+            self.metrics[i].windows.pop(k, None)
+
+    def late_counts(self) -> list[tuple[str, int, int]]:
+        """The late-event counts not stored yet: (metric, window_start_ms, n)."""
+        return [(ms.metric.name, start, n) for ms in self.metrics for start, n in ms.late.items()]
+
+    def clear_late(self) -> None:
+        for ms in self.metrics:
+            ms.late.clear()
+
+    def first_open_offset(self, exclude: list[tuple[int, tuple[int, str]]] = ()) -> int | None:
+        """The smallest offset that still feeds an open window (not in exclude): where a restart re-reads from."""
+        skip = set(exclude)
+        firsts = [slot[2] for i, ms in enumerate(self.metrics) for k, slot in ms.windows.items() if (i, k) not in skip]
+        return min(firsts) if firsts else None
+
+    @property
+    def open_windows(self) -> int:
+        return sum(len(ms.windows) for ms in self.metrics)

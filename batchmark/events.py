@@ -1,0 +1,129 @@
+"""Event schema validation: one set of rules, used by the stream worker and the Spark job alike.
+
+``decode`` turns raw bytes from the topic into a record; ``validate_record`` checks a record against the
+dataset's schema and returns either a clean event dict or a :class:`Rejection` with a reason code.
+A clean event has ``event_id`` (str), ``event_time_ms`` (int) and the dataset's fields, typed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from batchmark.definitions import Dataset
+
+MAX_RECORD_BYTES = 64 * 1024
+
+# Reason codes of the dead-letter topic. Stable: dashboards and tests count by them.
+REASONS = (
+    "too_large",
+    "invalid_utf8",
+    "invalid_json",
+    "not_an_object",
+    "missing_field",
+    "unknown_field",
+    "wrong_type",
+    "not_finite",
+    "out_of_range",
+    "bad_event_time",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why a record was refused: a reason code from REASONS and a human-readable detail."""
+
+    reason: str
+    detail: str
+
+
+def decode(raw: bytes) -> dict[str, Any] | Rejection:
+    """Bytes from the topic -> a JSON object, or the reason it is not one."""
+    if len(raw) > MAX_RECORD_BYTES:
+        return Rejection("too_large", f"record is {len(raw)} bytes; the limit is {MAX_RECORD_BYTES}")
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as uexc:
+            return Rejection("invalid_utf8", f"not UTF-8 at byte {uexc.start}")
+        return Rejection("invalid_json", str(exc)[:200])
+    if not isinstance(obj, dict):
+        return Rejection("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def parse_event_time(value: Any) -> int | None:
+    """ISO-8601 string with a zone, or epoch milliseconds (int) -> epoch milliseconds; None if neither."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and 10 <= len(value) <= 40:
+        try:
+            dt = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+        if dt.tzinfo is None:
+            return None
+        return int(dt.timestamp() * 1000)
+    return None
+
+
+def validate_record(obj: dict[str, Any], ds: Dataset) -> dict[str, Any] | Rejection:
+    """Check one record against the dataset schema; return the clean event or the first problem found."""
+    expected = len(ds.fields) + 2
+    if len(obj) > expected or any(k not in ds.field_names and k not in (ds.event_id, ds.event_time) for k in obj):
+        unknown = sorted(k for k in obj if k not in ds.field_names and k not in (ds.event_id, ds.event_time))
+        if unknown:
+            return Rejection("unknown_field", f"unknown field(s): {', '.join(map(str, unknown))[:200]}")
+    event_id = obj.get(ds.event_id)
+    if event_id is None:
+        return Rejection("missing_field", f"missing {ds.event_id}")
+    if not isinstance(event_id, str) or not event_id or len(event_id) > 128:
+        return Rejection("wrong_type", f"{ds.event_id} must be a non-empty string of at most 128 characters")
+    raw_time = obj.get(ds.event_time)
+    if raw_time is None:
+        return Rejection("missing_field", f"missing {ds.event_time}")
+    ts = parse_event_time(raw_time)
+    if ts is None:
+        return Rejection(
+            "bad_event_time", f"{ds.event_time} must be ISO-8601 with a zone or epoch ms, got {str(raw_time)[:60]!r}"
+        )
+    if not ds.min_event_time_ms <= ts < ds.max_event_time_ms:
+        return Rejection("out_of_range", f"{ds.event_time} {str(raw_time)[:40]} is outside the accepted range")
+    event: dict[str, Any] = {"event_id": event_id, "event_time_ms": ts}
+    for spec in ds.fields:
+        value = obj.get(spec.name)
+        if value is None:
+            return Rejection("missing_field", f"missing {spec.name}")
+        if spec.type == "string":
+            if not isinstance(value, str):
+                return Rejection("wrong_type", f"{spec.name} must be a string, got {type(value).__name__}")
+            if not value or len(value) > spec.max_length:
+                return Rejection("out_of_range", f"{spec.name} must have 1..{spec.max_length} characters")
+        else:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                return Rejection("wrong_type", f"{spec.name} must be a number, got {type(value).__name__}")
+            if spec.type == "int" and not (isinstance(value, int) or float(value).is_integer()):
+                return Rejection("wrong_type", f"{spec.name} must be an integer")
+            value = float(value) if spec.type == "float" else int(value)
+            if not math.isfinite(value):
+                return Rejection("not_finite", f"{spec.name} is {value}")
+            if (spec.min is not None and value < spec.min) or (spec.max is not None and value > spec.max):
+                return Rejection("out_of_range", f"{spec.name}={value} is outside [{spec.min}, {spec.max}]")
+        event[spec.name] = value
+    return event
+
+
+def validate(raw: bytes, ds: Dataset) -> dict[str, Any] | Rejection:
+    """Bytes -> clean event, or the reason it was rejected."""
+    obj = decode(raw)
+    if isinstance(obj, Rejection):
+        return obj
+    return validate_record(obj, ds)

@@ -1,0 +1,167 @@
+"""Synthetic events for the default domain: jobs submitted by tenants to a shared compute cluster.
+
+Writes a JSONL file in *arrival order* (the order a replay sends them), with configurable shares of
+out-of-order, late, duplicated and malformed records, and a manifest beside it that states how many of each
+it wrote, so tests and the accuracy report can check attribution against known truth.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from batchmark.windows import day_bounds_ms, ms_to_datetime
+
+CPUS = np.array([0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0])
+MEMS = np.array([0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0])
+
+# One example per class of malformed record; the generator cycles through them.
+MALFORMED = (
+    ("invalid_json", lambda r: orjson.dumps(r)[:-7]),
+    ("wrong_type", lambda r: orjson.dumps({**r, "cpu": "four"})),
+    ("missing_field", lambda r: orjson.dumps({k: v for k, v in r.items() if k != "tenant"})),
+    ("invalid_json", lambda r: orjson.dumps(r).replace(b'"mem_gb":', b'"mem_gb":NaN,"x":')),
+    ("out_of_range", lambda r: orjson.dumps({**r, "duration_s": -5.0})),
+    ("unknown_field", lambda r: orjson.dumps({**r, "color": "blue"})),
+    ("bad_event_time", lambda r: orjson.dumps({**r, "event_time": "yesterday"})),
+    ("invalid_utf8", lambda r: orjson.dumps(r).replace(b'"user":"', b'"user":"\xff\xfe')),
+)
+
+
+@dataclass
+class GeneratorConfig:
+    """What to generate; every share is a fraction of `events`."""
+
+    day: date
+    events: int = 100_000
+    tenants: int = 8
+    users_per_tenant: int = 500
+    skew: float = 1.2  # Zipf exponent of tenant and user popularity (0 = uniform)
+    out_of_order: float = 0.0  # delayed, but within the allowed lateness
+    late: float = 0.0  # delayed past the window end plus the allowed lateness
+    duplicates: float = 0.0  # the same event (same id) sent a second time, soon after
+    malformed: float = 0.0  # records that fail validation (cycling through MALFORMED)
+    lateness_ms: int = 30_000  # the allowed lateness late events must exceed
+    window_ms: int = 60_000
+    seed: int = 7
+
+
+@dataclass
+class Manifest:
+    """What a generated file contains, by construction."""
+
+    day: str
+    records: int
+    valid_events: int
+    distinct_events: int
+    out_of_order: int
+    late: int
+    duplicates: int
+    malformed: int
+    malformed_by_reason: dict[str, int] = field(default_factory=dict)
+    late_event_ids: list[str] = field(default_factory=list)
+    duplicate_event_ids: list[str] = field(default_factory=list)
+
+
+def _zipf_weights(n: int, s: float) -> np.ndarray:
+    w = 1.0 / np.arange(1, n + 1) ** s
+    return w / w.sum()
+
+
+def generate(cfg: GeneratorConfig, out: Path) -> Manifest:
+    """Write cfg.events events of cfg.day (plus duplicates) to `out` as JSONL; return the manifest."""
+    rng = np.random.default_rng(cfg.seed)
+    start, end = day_bounds_ms(cfg.day)
+    n = cfg.events
+    times = np.sort(rng.integers(start, end, size=n))
+    tenant_ix = rng.choice(cfg.tenants, size=n, p=_zipf_weights(cfg.tenants, cfg.skew))
+    user_ix = rng.choice(cfg.users_per_tenant, size=n, p=_zipf_weights(cfg.users_per_tenant, cfg.skew))
+    cpu = rng.choice(CPUS, size=n)
+    mem = rng.choice(MEMS, size=n)
+    duration = np.round(rng.lognormal(4.0, 1.2, size=n)).clip(1, 2_592_000)
+
+    # arrival = event time + delay; late delays exceed window + lateness, so the window is surely closed
+    delay = np.zeros(n, dtype=np.int64)
+    kinds = rng.random(n)
+    n_ooo_cut = cfg.out_of_order
+    n_late_cut = cfg.out_of_order + cfg.late
+    ooo = kinds < n_ooo_cut
+    late = (kinds >= n_ooo_cut) & (kinds < n_late_cut)
+    delay[ooo] = rng.integers(1, max(2, int(cfg.lateness_ms * 0.8)), size=int(ooo.sum()))
+    late_min = cfg.window_ms + cfg.lateness_ms + 1_000  # usually late; the manifest says which really are
+    delay[late] = rng.integers(late_min, late_min + 300_000, size=int(late.sum()))
+    late &= times + delay < end  # stay inside the day
+    delay[~late & ~ooo] = 0
+
+    records = []
+    for i in range(n):
+        rec = {
+            "event_id": f"{cfg.day.isoformat()}-{i:09d}",
+            "event_time": ms_to_datetime(int(times[i])).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "tenant": f"tenant-{tenant_ix[i]:02d}",
+            "user": f"user-{tenant_ix[i]:02d}-{user_ix[i]:05d}",
+            "job_id": f"job-{i:09d}",
+            "cpu": float(cpu[i]),
+            "mem_gb": float(mem[i]),
+            "duration_s": float(duration[i]),
+        }
+        records.append((int(times[i] + delay[i]), i, rec))
+
+    dup_ix = np.flatnonzero(rng.random(n) < cfg.duplicates)
+    for i in dup_ix:  # the copy arrives soon after the original, within the lateness
+        t = records[i][0] + int(rng.integers(1, max(2, cfg.lateness_ms // 2)))
+        records.append((t, i, records[i][2]))
+
+    mal_ix = set(np.flatnonzero(rng.random(n) < cfg.malformed).tolist()) - set(dup_ix.tolist())
+    records.sort(key=lambda r: (r[0], r[1]))
+    manifest = Manifest(
+        day=cfg.day.isoformat(),
+        records=len(records),
+        valid_events=0,
+        distinct_events=0,
+        out_of_order=0,
+        late=0,
+        duplicates=len(dup_ix),
+        malformed=0,
+    )
+    seen: set[int] = set()
+    watermark = -(2**62)  # the stream's rule, simulated: late = window closed when the event arrives
+    cycle = 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "wb") as fh:
+        for _, i, rec in records:
+            first_copy = i not in seen
+            seen.add(i)
+            if i in mal_ix and first_copy:
+                reason, corrupt = MALFORMED[cycle % len(MALFORMED)]
+                cycle += 1
+                line = corrupt(rec)
+                manifest.malformed += 1
+                manifest.malformed_by_reason[reason] = manifest.malformed_by_reason.get(reason, 0) + 1
+            else:
+                line = orjson.dumps(rec)
+                manifest.valid_events += 1
+                t = int(times[i])
+                is_late = watermark - cfg.lateness_ms >= t - t % cfg.window_ms + cfg.window_ms
+                watermark = max(watermark, t)
+                if first_copy:
+                    manifest.distinct_events += 1
+                    if is_late:
+                        manifest.late += 1
+                        manifest.late_event_ids.append(rec["event_id"])
+                    elif t < watermark:
+                        manifest.out_of_order += 1
+                else:
+                    manifest.duplicate_event_ids.append(rec["event_id"])
+            fh.write(line + b"\n")
+    manifest_path(out).write_text(json.dumps(asdict(manifest), indent=1))
+    return manifest
+
+
+def manifest_path(data_file: Path) -> Path:
+    return data_file.with_name(data_file.name + ".manifest.json")

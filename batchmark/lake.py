@@ -1,0 +1,115 @@
+"""The lake: raw valid events as Parquet, partitioned by event date, plus per-partition watermark files.
+
+Layout under ``<lake>/events/``::
+
+    date=2026-11-24/part-p0-000000000000-000000012345.parquet   (topic partition 0, offsets first..last)
+    _watermarks/p0.json                                          ({"watermark_ms": ..., "next_offset": ...})
+
+Files are written to a hidden temporary name and renamed into place, so a reader never sees half a file
+(Spark ignores names starting with '.' or '_'). A day is complete when every partition's watermark has
+passed the day's end plus the largest allowed lateness: the stream has then landed and closed all of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchmark.definitions import Dataset
+from batchmark.windows import day_bounds_ms, day_of
+
+_ARROW_TYPES = {"string": pa.string(), "float": pa.float64(), "int": pa.int64()}
+
+
+def arrow_schema(ds: Dataset) -> pa.Schema:
+    """Columns of a lake file: identity, time, the dataset's fields, and where the event came from."""
+    return pa.schema(
+        [("event_id", pa.string()), ("event_time_ms", pa.int64())]
+        + [(f.name, _ARROW_TYPES[f.type]) for f in ds.fields]
+        + [("_partition", pa.int32()), ("_offset", pa.int64())]
+    )
+
+
+def day_dir(root: Path, day: date) -> Path:
+    return root / f"date={day.isoformat()}"
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class LakeWriter:
+    """Buffers clean events of one topic partition and lands them as Parquet files on flush."""
+
+    def __init__(self, root: Path, ds: Dataset, partition: int) -> None:
+        self.root = root
+        self.ds = ds
+        self.partition = partition
+        self.schema = arrow_schema(ds)
+        self._rows: dict[date, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
+        self.pending = 0
+
+    def add(self, event: dict[str, Any], offset: int) -> None:
+        self._rows[day_of(event["event_time_ms"])].append((offset, event))
+        self.pending += 1
+
+    def flush(self) -> list[Path]:
+        """Write every buffered day to its own file; returns the files written."""
+        written = []
+        for day, rows in self._rows.items():
+            cols: dict[str, list[Any]] = {name: [] for name in self.schema.names}
+            for offset, ev in rows:
+                for name in self.schema.names[:-2]:
+                    cols[name].append(ev[name])
+                cols["_partition"].append(self.partition)
+                cols["_offset"].append(offset)
+            table = pa.Table.from_pydict(cols, schema=self.schema)
+            target_dir = day_dir(self.root, day)
+            target_dir.mkdir(parents=True, exist_ok=True)
+            first, last = rows[0][0], rows[-1][0]
+            path = target_dir / f"part-p{self.partition}-{first:012d}-{last:012d}.parquet"
+            tmp = path.with_name(f".{path.name}.tmp")
+            pq.write_table(table, tmp, compression="snappy")
+            os.replace(tmp, path)
+            written.append(path)
+        self._rows.clear()  # only after every file is in place: a failed flush is retried whole
+        self.pending = 0
+        return written
+
+
+def write_watermark(root: Path, partition: int, watermark_ms: int, next_offset: int) -> None:
+    """Record how far a partition's stream has landed and closed (after its results are committed)."""
+    wm_dir = root / "_watermarks"
+    wm_dir.mkdir(parents=True, exist_ok=True)
+    payload = json.dumps({"watermark_ms": watermark_ms, "next_offset": next_offset}).encode()
+    _atomic_write_bytes(wm_dir / f"p{partition}.json", payload)
+
+
+def read_watermarks(root: Path) -> dict[int, int]:
+    """{partition: watermark_ms} of every partition that has written one."""
+    out = {}
+    for path in (root / "_watermarks").glob("p*.json"):
+        out[int(path.stem[1:])] = json.loads(path.read_text())["watermark_ms"]
+    return out
+
+
+def day_completeness(root: Path, day: date, partitions: int, lateness_ms: int) -> tuple[bool, str]:
+    """Whether the stream has landed all of a day, and a sentence saying why not."""
+    marks = read_watermarks(root)
+    _, end = day_bounds_ms(day)
+    missing = [p for p in range(partitions) if p not in marks]
+    if missing:
+        return False, f"partitions {missing} have not reported a watermark yet"
+    behind = {p: wm for p, wm in marks.items() if p < partitions and wm - lateness_ms < end}
+    if behind:
+        return False, f"partitions {sorted(behind)} have not passed the end of {day} plus the allowed lateness"
+    return True, f"all {partitions} partitions have passed the end of {day}"

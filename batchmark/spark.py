@@ -1,0 +1,90 @@
+"""Launching the Spark recompute with spark-submit, from the CLI and from the Airflow DAG alike."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+from batchmark.config import REPO_ROOT, Settings
+from batchmark.errors import BatchmarkError, ServiceUnavailable
+
+RESULT_PREFIX = "BATCHMARK_RESULT "
+JOB = REPO_ROOT / "batch" / "recompute.py"
+
+
+def java_major() -> int | None:
+    """The major version of the java on PATH (or JAVA_HOME), None when there is none."""
+    java = Path(os.environ["JAVA_HOME"], "bin", "java") if os.environ.get("JAVA_HOME") else shutil.which("java")
+    if not java or not Path(java).exists():
+        return None
+    out = subprocess.run([str(java), "-version"], capture_output=True, text=True).stderr
+    m = re.search(r'version "(\d+)(?:\.(\d+))?', out)
+    if not m:
+        return None
+    major = int(m.group(1))
+    return int(m.group(2)) if major == 1 and m.group(2) else major
+
+
+def check_java() -> None:
+    major = java_major()
+    if major not in (17, 21):
+        found = "no java" if major is None else f"java {major}"
+        raise ServiceUnavailable(
+            f"Spark needs Java 17 or 21 and found {found}. Install one, e.g. "
+            "`apt-get install -y openjdk-17-jre-headless`, or set JAVA_HOME."
+        )
+
+
+def submit(settings: Settings, day: date, run_id: str, timeout_s: float = 1800) -> dict[str, object]:
+    """Run batch/recompute.py for one day with spark-submit; returns the job's result summary."""
+    check_java()
+    venv_bin = Path(sys.executable).parent
+    spark_submit = venv_bin / "spark-submit"
+    local = settings.spark_master.startswith("local")
+    cmd = [
+        str(spark_submit),
+        "--master",
+        settings.spark_master,
+        "--conf",
+        "spark.sql.session.timeZone=UTC",
+        "--conf",
+        "spark.sql.shuffle.partitions=8",
+        "--conf",
+        f"spark.pyspark.python={sys.executable}",
+    ]
+    if local:  # keep every listener on loopback; a cluster driver must be reachable by its executors
+        cmd += [
+            "--conf",
+            "spark.driver.bindAddress=127.0.0.1",
+            "--conf",
+            "spark.driver.host=127.0.0.1",
+            "--conf",
+            "spark.ui.enabled=false",
+        ]
+    cmd += [str(JOB), "--date", day.isoformat(), "--run-id", run_id]
+    env = {
+        **os.environ,
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+        "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+        "BATCHMARK_LAKE": str(settings.lake),
+        "DATABASE_URL": settings.database_url,
+        "BATCHMARK_DEFINITIONS": str(settings.definitions_path),
+    }
+    if local:
+        env["SPARK_LOCAL_IP"] = "127.0.0.1"
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    result = None
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            result = json.loads(line[len(RESULT_PREFIX) :])
+    if proc.returncode != 0 or result is None:
+        tail = "\n".join((proc.stderr or "").splitlines()[-25:])
+        raise BatchmarkError(f"spark recompute for {day} failed (exit {proc.returncode}):\n{tail}")
+    return result

@@ -1,0 +1,259 @@
+"""Postgres: the schema (stream results, batch truth, quality history) and the writers of each.
+
+Schemas: ``stream`` (written by the Faust worker), ``truth`` (written by the Spark job), ``quality``
+(written by the validation). Every write is idempotent: stream rows are upserted by window identity, and a
+day of batch truth is replaced in one transaction, so readers see the old day or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import date
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg2
+import psycopg2.extensions
+import psycopg2.extras
+from psycopg2 import sql
+
+from batchmark.errors import ServiceUnavailable
+from batchmark.windows import ms_to_datetime
+
+SCHEMA_SQL = """
+CREATE SCHEMA IF NOT EXISTS stream;
+CREATE SCHEMA IF NOT EXISTS truth;
+CREATE SCHEMA IF NOT EXISTS quality;
+
+CREATE TABLE IF NOT EXISTS stream.results (
+    metric        text             NOT NULL,
+    group_key     text             NOT NULL,
+    window_start  timestamptz      NOT NULL,
+    window_end    timestamptz      NOT NULL,
+    day           date             NOT NULL,
+    value         double precision,
+    n_events      bigint           NOT NULL,
+    updated_at    timestamptz      NOT NULL DEFAULT now(),
+    PRIMARY KEY (metric, group_key, window_start)
+);
+CREATE INDEX IF NOT EXISTS stream_results_day ON stream.results (day, metric);
+
+CREATE TABLE IF NOT EXISTS stream.late_events (
+    metric        text        NOT NULL,
+    window_start  timestamptz NOT NULL,
+    day           date        NOT NULL,
+    n_late        bigint      NOT NULL,
+    PRIMARY KEY (metric, window_start)
+);
+
+CREATE TABLE IF NOT EXISTS truth.results (
+    metric        text             NOT NULL,
+    group_key     text             NOT NULL,
+    window_start  timestamptz      NOT NULL,
+    window_end    timestamptz      NOT NULL,
+    day           date             NOT NULL,
+    value         double precision,
+    n_events      bigint           NOT NULL,
+    run_id        text             NOT NULL,
+    computed_at   timestamptz      NOT NULL DEFAULT now(),
+    PRIMARY KEY (metric, group_key, window_start)
+);
+CREATE INDEX IF NOT EXISTS truth_results_day ON truth.results (day, metric);
+
+CREATE TABLE IF NOT EXISTS quality.metrics (
+    metric     text PRIMARY KEY,
+    kind       text NOT NULL,
+    tolerance  double precision NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS quality.accuracy_history (
+    id          bigserial PRIMARY KEY,
+    run_id      text        NOT NULL,
+    day         date        NOT NULL,
+    metric      text        NOT NULL,
+    success     boolean     NOT NULL,
+    windows     bigint      NOT NULL,
+    missing     bigint      NOT NULL,
+    over_tolerance bigint   NOT NULL,
+    max_rel_error  double precision,
+    mean_rel_error double precision,
+    tolerance   double precision NOT NULL,
+    report_url  text,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS accuracy_history_day ON quality.accuracy_history (day, metric);
+
+-- One row per batch-truth window, with the stream's value beside it (NULL when the stream has no row).
+CREATE OR REPLACE VIEW quality.comparison AS
+SELECT t.day, t.metric, t.group_key, t.window_start,
+       t.value AS batch_value, s.value AS stream_value,
+       t.n_events AS batch_events, s.n_events AS stream_events,
+       q.tolerance,
+       CASE
+         WHEN s.value IS NULL THEN NULL
+         WHEN s.value = t.value THEN 0.0
+         WHEN t.value = 0 THEN 'Infinity'::double precision
+         ELSE abs(s.value - t.value) / abs(t.value)
+       END AS rel_error
+FROM truth.results t
+LEFT JOIN stream.results s USING (metric, group_key, window_start)
+LEFT JOIN quality.metrics q USING (metric);
+"""
+
+
+def server_url(url: str, dbname: str = "postgres") -> str:
+    """The same server, another database (used to create ours)."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + dbname))
+
+
+def db_name(url: str) -> str:
+    return urlsplit(url).path.lstrip("/") or "postgres"
+
+
+def connect(url: str) -> psycopg2.extensions.connection:
+    """Open a connection, or say plainly which server could not be reached and how to point elsewhere."""
+    try:
+        return psycopg2.connect(url, connect_timeout=5)
+    except psycopg2.OperationalError as exc:
+        safe = urlsplit(url)._replace(netloc=urlsplit(url).hostname or "").geturl()
+        raise ServiceUnavailable(
+            f"cannot reach PostgreSQL at {safe}: {str(exc).strip().splitlines()[0]}. "
+            "Start it, or set DATABASE_URL to one that runs."
+        ) from None
+
+
+@contextlib.contextmanager
+def transaction(url: str) -> Iterator[psycopg2.extensions.cursor]:
+    """A cursor inside one transaction: committed on success, rolled back on any error."""
+    conn = connect(url)
+    try:
+        with conn, conn.cursor() as cur:
+            yield cur
+    finally:
+        conn.close()
+
+
+def ensure_database(url: str) -> None:
+    """Create the database named in url if it does not exist, then the schema."""
+    name = db_name(url)
+    conn = connect(server_url(url))
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            if cur.fetchone() is None:
+                cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    finally:
+        conn.close()
+    init_schema(url)
+
+
+def init_schema(url: str) -> None:
+    """Create the tables and views (idempotent)."""
+    with transaction(url) as cur:
+        cur.execute("SELECT pg_advisory_xact_lock(4242)")  # two processes may init at once
+        cur.execute(SCHEMA_SQL)
+        cur.execute(CHECKPOINT_SQL)
+
+
+def _row(r: Any) -> tuple[Any, ...]:
+    start = ms_to_datetime(r.window_start_ms)
+    return (r.metric, r.group_key, start, ms_to_datetime(r.window_end_ms), start.date(), r.value, r.n_events)
+
+
+def upsert_stream_results(cur: psycopg2.extensions.cursor, results: Sequence[Any]) -> int:
+    """Write closed windows; a window written again (a replay) replaces its row instead of adding to it."""
+    if not results:
+        return 0
+    psycopg2.extras.execute_values(
+        cur,
+        """INSERT INTO stream.results (metric, group_key, window_start, window_end, day, value, n_events)
+           VALUES %s
+           ON CONFLICT (metric, group_key, window_start)
+           DO UPDATE SET value = EXCLUDED.value, n_events = EXCLUDED.n_events, updated_at = now()""",
+        [_row(r) for r in results],
+        page_size=1000,
+    )
+    return len(results)
+
+
+def add_late_events(cur: psycopg2.extensions.cursor, late: Iterable[tuple[str, int, int]]) -> None:
+    """Record (metric, window_start_ms, n) events that came after their window closed."""
+    rows = [(m, ms_to_datetime(s), ms_to_datetime(s).date(), n) for m, s, n in late]
+    if rows:
+        psycopg2.extras.execute_values(
+            cur,
+            """INSERT INTO stream.late_events (metric, window_start, day, n_late) VALUES %s
+               ON CONFLICT (metric, window_start) DO UPDATE SET n_late = stream.late_events.n_late + EXCLUDED.n_late""",
+            rows,
+        )
+
+
+def replace_truth_day(url: str, day: date, metrics: Sequence[str], rows: Sequence[tuple[Any, ...]], run_id: str) -> int:
+    """Replace one day of batch truth for the given metrics, atomically.
+
+    rows: (metric, group_key, window_start_ms, window_end_ms, value, n_events).
+    """
+    with transaction(url) as cur:
+        cur.execute("DELETE FROM truth.results WHERE day = %s AND metric = ANY(%s)", (day, list(metrics)))
+        psycopg2.extras.execute_values(
+            cur,
+            """INSERT INTO truth.results (metric, group_key, window_start, window_end, day, value, n_events, run_id)
+               VALUES %s""",
+            [(m, g, ms_to_datetime(s), ms_to_datetime(e), day, v, n, run_id) for m, g, s, e, v, n in rows],
+            page_size=5000,
+        )
+    return len(rows)
+
+
+def fetch_results(url: str, table: str, day: date) -> dict[tuple[str, str, Any], tuple[float, int]]:
+    """{(metric, group_key, window_start): (value, n_events)} of one day from 'stream' or 'truth'."""
+    if table not in ("stream", "truth"):
+        raise ValueError(table)
+    with transaction(url) as cur:
+        cur.execute(
+            sql.SQL("SELECT metric, group_key, window_start, value, n_events FROM {}.results WHERE day = %s").format(
+                sql.Identifier(table)
+            ),
+            (day,),
+        )
+        return {(m, g, w): (v, n) for m, g, w, v, n in cur.fetchall()}
+
+
+CHECKPOINT_SQL = """
+CREATE TABLE IF NOT EXISTS stream.checkpoints (
+    topic         text        NOT NULL,
+    partition     integer     NOT NULL,
+    resume_offset bigint      NOT NULL,
+    next_offset   bigint      NOT NULL,
+    watermark_ms  bigint      NOT NULL,
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (topic, partition)
+);
+"""
+
+
+def read_checkpoint(url: str, topic: str, partition: int) -> tuple[int, int, int] | None:
+    """(resume_offset, next_offset, watermark_ms) stored for a partition, or None."""
+    with transaction(url) as cur:
+        cur.execute(
+            "SELECT resume_offset, next_offset, watermark_ms FROM stream.checkpoints "
+            "WHERE topic = %s AND partition = %s",
+            (topic, partition),
+        )
+        row = cur.fetchone()
+    return tuple(row) if row else None  # type: ignore[return-value]
+
+
+def write_checkpoint(
+    cur: psycopg2.extensions.cursor, topic: str, partition: int, resume_offset: int, next_offset: int, watermark_ms: int
+) -> None:
+    cur.execute(
+        """INSERT INTO stream.checkpoints (topic, partition, resume_offset, next_offset, watermark_ms)
+           VALUES (%s, %s, %s, %s, %s)
+           ON CONFLICT (topic, partition) DO UPDATE SET resume_offset = EXCLUDED.resume_offset,
+             next_offset = EXCLUDED.next_offset, watermark_ms = EXCLUDED.watermark_ms, updated_at = now()""",
+        (topic, partition, resume_offset, next_offset, watermark_ms),
+    )

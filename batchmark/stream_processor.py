@@ -1,0 +1,202 @@
+"""What the stream worker does with each record, independent of Faust.
+
+For every record of a topic partition: validate it (bad -> a dead-letter record with its reason), land it in
+the lake, fold it into the open windows. ``checkpoint`` closes the windows the watermark has passed and commits,
+in ONE Postgres transaction, their results, the late-event counts and the partition's resume point. Only then
+does the worker commit that resume offset to Kafka. After a crash the worker re-reads from the resume point:
+records below the checkpoint's next offset are re-folded only into windows that were still open (their results
+were not written yet) and are not landed or dead-lettered again. So every window's result counts each record
+once, without broker transactions and without trusting the broker's end offsets.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from batchmark import storage
+from batchmark.config import Settings
+from batchmark.definitions import Definitions
+from batchmark.engine import PartitionState, WindowResult
+from batchmark.events import Rejection, validate
+from batchmark.lake import LakeWriter, write_watermark
+from batchmark.replay import WATERMARK_KEY
+
+log = logging.getLogger("batchmark.stream")
+_WATERMARK_PREFIX = b'{"' + WATERMARK_KEY.encode() + b'":'
+DLQ_RAW_LIMIT = 64 * 1024
+
+
+@dataclass
+class DeadLetter:
+    """A rejected record, ready for the dead-letter topic."""
+
+    key: bytes | None
+    value: bytes
+
+
+@dataclass
+class _Partition:
+    state: PartitionState
+    lake: LakeWriter
+    next_offset: int = 0
+    replay_until: int = 0  # records below this were handled before the last checkpoint
+    dirty: bool = False
+
+
+@dataclass
+class Counters:
+    processed: int = 0
+    valid: int = 0
+    rejected: int = 0
+    replayed: int = 0
+    windows_written: int = 0
+    checkpoints: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)
+
+
+def dead_letter(topic: str, partition: int, offset: int, key: bytes | None, raw: bytes, why: Rejection) -> DeadLetter:
+    """The DLQ record: reason, detail, where it came from, and the raw bytes (base64; capped, with a hash)."""
+    body = {
+        "reason": why.reason,
+        "detail": why.detail,
+        "topic": topic,
+        "partition": partition,
+        "offset": offset,
+        "raw_bytes": len(raw),
+        "raw_sha256": hashlib.sha256(raw).hexdigest(),
+        "raw_b64": base64.b64encode(raw[:DLQ_RAW_LIMIT]).decode(),
+        "raw_truncated": len(raw) > DLQ_RAW_LIMIT,
+    }
+    return DeadLetter(key=key, value=orjson.dumps(body))
+
+
+class StreamProcessor:
+    """Per-partition window state, lake landing and checkpoints for one worker."""
+
+    def __init__(self, settings: Settings, defs: Definitions, checkpoint_interval_s: float = 1.0) -> None:
+        self.settings = settings
+        self.defs = defs
+        self.topic = settings.events_topic
+        self.checkpoint_interval_s = checkpoint_interval_s
+        self.partitions: dict[int, _Partition] = {}
+        self.counters = Counters()
+        self._last_checkpoint = time.monotonic()
+
+    # -- assignment -------------------------------------------------------------------------------------
+    def assign(self, partition: int) -> int | None:
+        """Take over a partition from its Postgres checkpoint; returns the offset to resume from (or None)."""
+        ckpt = storage.read_checkpoint(self.settings.database_url, self.topic, partition)
+        rt = _Partition(PartitionState(self.defs), LakeWriter(self.settings.events_lake, self.defs.dataset, partition))
+        if ckpt:
+            resume, next_offset, watermark = ckpt
+            rt.state.watermark_ms = watermark
+            rt.replay_until = rt.next_offset = next_offset
+            log.info(
+                "partition %d: resuming at offset %d (checkpoint next=%d, watermark=%d)",
+                partition,
+                resume,
+                next_offset,
+                watermark,
+            )
+        self.partitions[partition] = rt
+        return ckpt[0] if ckpt else None
+
+    def revoke(self, partition: int) -> None:
+        """Forget a partition's unsaved state: its next owner re-reads it from the checkpoint."""
+        self.partitions.pop(partition, None)
+
+    # -- processing -------------------------------------------------------------------------------------
+    def process(self, partition: int, offset: int, key: bytes | None, raw: bytes) -> DeadLetter | None:
+        """Handle one record; returns the dead letter to send when it is malformed."""
+        rt = self.partitions.get(partition)
+        if rt is None:
+            self.assign(partition)
+            rt = self.partitions[partition]
+        c = self.counters
+        c.processed += 1
+        replaying = offset < rt.replay_until
+        if offset >= rt.next_offset:
+            rt.next_offset = offset + 1
+        rt.dirty = True
+        if raw.startswith(_WATERMARK_PREFIX):
+            try:
+                rt.state.advance(int(orjson.loads(raw)[WATERMARK_KEY]))
+                return None
+            except (orjson.JSONDecodeError, TypeError, ValueError):
+                pass  # not a well-formed punctuation: validate it like any record (-> DLQ)
+        event = validate(raw, self.defs.dataset)
+        if isinstance(event, Rejection):
+            if replaying:
+                c.replayed += 1
+                return None
+            c.rejected += 1
+            c.by_reason[event.reason] = c.by_reason.get(event.reason, 0) + 1
+            return dead_letter(self.topic, partition, offset, key, raw, event)
+        c.valid += 1
+        if replaying:
+            c.replayed += 1
+        else:
+            rt.lake.add(event, offset)
+        rt.state.add(event, offset, count_late=not replaying)
+        return None
+
+    def checkpoint_due(self) -> bool:
+        return time.monotonic() - self._last_checkpoint >= self.checkpoint_interval_s
+
+    def checkpoint(self) -> dict[int, int]:
+        """Close ready windows and commit results + resume points; returns {partition: resume_offset}.
+
+        Windows and late counts leave memory only after the Postgres commit; if anything fails, the error
+        propagates and nothing is lost: the next checkpoint writes the same rows again.
+        """
+        results: list[WindowResult] = []
+        late: list[tuple[str, int, int]] = []
+        points: dict[int, tuple[int, int, int]] = {}
+        closed: dict[int, list[tuple[int, tuple[int, str]]]] = {}
+        for p, rt in self.partitions.items():
+            if not rt.dirty:
+                continue
+            rows, keys = rt.state.close_ready()
+            results.extend(rows)
+            closed[p] = keys
+            late.extend(rt.state.late_counts())
+            rt.lake.flush()  # the lake holds everything below next_offset before the checkpoint says so
+            first_open = rt.state.first_open_offset(exclude=keys)
+            resume = min(first_open, rt.next_offset) if first_open is not None else rt.next_offset
+            points[p] = (resume, rt.next_offset, rt.state.watermark_ms)
+        if points:
+            with storage.transaction(self.settings.database_url) as cur:
+                storage.upsert_stream_results(cur, results)
+                storage.add_late_events(cur, late)
+                for p, (resume, nxt, wm) in points.items():
+                    storage.write_checkpoint(cur, self.topic, p, resume, nxt, wm)
+            for p, (_, nxt, wm) in points.items():
+                rt = self.partitions[p]
+                rt.state.forget(closed[p])
+                rt.state.clear_late()
+                rt.dirty = False
+                write_watermark(self.settings.events_lake, p, wm, nxt)
+            self.counters.windows_written += len(results)
+            self.counters.checkpoints += 1
+        self._last_checkpoint = time.monotonic()
+        return {p: v[0] for p, v in points.items()}
+
+    def summary(self) -> dict[str, Any]:
+        c = self.counters
+        return {
+            "processed": c.processed,
+            "valid": c.valid,
+            "rejected": c.rejected,
+            "replayed": c.replayed,
+            "windows_written": c.windows_written,
+            "checkpoints": c.checkpoints,
+            "open_windows": sum(rt.state.open_windows for rt in self.partitions.values()),
+            "watermarks": {p: rt.state.watermark_ms for p, rt in self.partitions.items()},
+        }

@@ -1,0 +1,316 @@
+"""Nightly accuracy check: one day of stream results against the batch truth, with Great Expectations.
+
+The GX project lives in ``settings.gx_root`` (``expectations/`` in the repo). Every run brings it in line with
+the definitions file: a Postgres datasource whose connection string is the ``${BATCHMARK_GX_CONNECTION}``
+variable (never stored), a table asset on the view ``quality.comparison`` batched by its ``day`` column, one
+suite per metric (completeness and relative error within tolerance), one validation definition per suite and
+one checkpoint that runs them all and updates the Data Docs.
+
+Pass or fail comes from the checkpoint; the figures beside it (windows, missing, over tolerance, max and mean
+relative error) are read from the same results and view, and every run is appended to
+``quality.accuracy_history``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
+
+import great_expectations as gx
+import psycopg2.extras
+from great_expectations.checkpoint import UpdateDataDocsAction
+from great_expectations.core.batch_definition import BatchDefinition
+from great_expectations.core.expectation_validation_result import (
+    ExpectationSuiteValidationResult,
+    ExpectationValidationResult,
+)
+from great_expectations.core.partitioners import PartitionerColumnValue
+from great_expectations.core.run_identifier import RunIdentifier
+from great_expectations.data_context import FileDataContext
+from great_expectations.datasource.fluent import PostgresDatasource
+from great_expectations.datasource.fluent.sql_datasource import TableAsset
+from great_expectations.expectations.row_conditions import Column
+
+from batchmark import storage
+from batchmark.config import Settings
+from batchmark.definitions import Definitions, Metric
+from batchmark.errors import BatchmarkError, ConfigError
+
+GX_CONNECTION_VAR = "BATCHMARK_GX_CONNECTION"
+DATASOURCE = "batchmark"
+ASSET = "comparison"
+BATCH_DEFINITION = "by_day"
+CHECKPOINT = "nightly_accuracy"
+SUITE_PREFIX = "accuracy_"
+DOCS_SITE = "local_site"
+# Which windows a failed check lists in the Data Docs and the checkpoint result.
+RESULT_FORMAT = {"result_format": "SUMMARY", "unexpected_index_column_names": ["group_key", "window_start"]}
+
+
+@dataclass
+class MetricAccuracy:
+    """One metric's figures for one day: how many batch-truth windows, how many missing or off, how far off."""
+
+    metric: str
+    success: bool
+    windows: int
+    missing: int
+    over_tolerance: int
+    max_rel_error: float | None
+    mean_rel_error: float | None
+    tolerance: float
+
+
+@dataclass
+class ValidationReport:
+    """The outcome of validating one day: overall and per metric, with where to read the Data Docs."""
+
+    day: date
+    run_id: str
+    success: bool
+    metrics: list[MetricAccuracy]
+    docs_index: Path
+
+    def summary_line(self) -> str:
+        """One line for logs and alerts, e.g. '2026-11-24 PASS: jobs 1440/1440 windows, max rel err 0 (tol 0)'."""
+        parts = []
+        for m in self.metrics:
+            text = (
+                f"{m.metric} {m.windows - m.missing}/{m.windows} windows, "
+                f"max rel err {_fmt(m.max_rel_error)} (tol {_fmt(m.tolerance)})"
+            )
+            if m.over_tolerance:
+                text += f", {m.over_tolerance} over tol"
+            parts.append(text)
+        return f"{self.day.isoformat()} {'PASS' if self.success else 'FAIL'}: " + "; ".join(parts)
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3g}"
+
+
+def suite_name(metric: str) -> str:
+    """Name of a metric's expectation suite (and of its validation definition)."""
+    return SUITE_PREFIX + metric
+
+
+def validate_day(settings: Settings, defs: Definitions, day: date, run_id: str | None = None) -> ValidationReport:
+    """Check one day of stream results against the batch truth, record the outcome and return it.
+
+    Raises ConfigError when there is no batch truth for that day (or for one of the metrics).
+    """
+    run_time = datetime.now(tz=UTC)
+    run_id = run_id or f"validate_{day.isoformat()}_{run_time:%Y%m%dT%H%M%S%fZ}"
+    url = settings.database_url
+    storage.ensure_database(url)
+    with storage.transaction(url) as cur:
+        _write_tolerances(cur, defs)
+        figures = _day_figures(cur, defs, day)
+    _require_truth(defs, day, figures)
+
+    with _project_lock(settings.gx_root):
+        context = gx.get_context(
+            mode="file",
+            context_root_dir=settings.gx_root,
+            runtime_environment={GX_CONNECTION_VAR: settings.sqlalchemy_url},
+        )
+        checkpoint = _sync_project(context, defs)
+        result = checkpoint.run(
+            batch_parameters={"day": day.isoformat()},  # a date column's batches are matched by ISO text
+            run_id=RunIdentifier(run_name=run_id, run_time=run_time),
+        )
+        docs_url = context.get_docs_sites_urls(site_name=DOCS_SITE)[0]["site_url"]
+    docs_index = Path(url2pathname(urlsplit(docs_url).path))
+
+    by_suite = {vr.suite_name: vr for vr in result.run_results.values()}
+    metrics = [_metric_accuracy(m, by_suite[suite_name(m.name)], figures[m.name]) for m in defs.metrics]
+    report = ValidationReport(day=day, run_id=run_id, success=bool(result.success), metrics=metrics,
+                              docs_index=docs_index)
+    _record(url, report)
+    return report
+
+
+def _write_tolerances(cur: Any, defs: Definitions) -> None:
+    """Upsert each metric's kind and tolerance into quality.metrics, which the comparison view joins."""
+    psycopg2.extras.execute_values(
+        cur,
+        """INSERT INTO quality.metrics (metric, kind, tolerance) VALUES %s
+           ON CONFLICT (metric) DO UPDATE SET kind = EXCLUDED.kind, tolerance = EXCLUDED.tolerance""",
+        [(m.name, m.kind, m.tolerance) for m in defs.metrics],
+    )
+
+
+def _day_figures(cur: Any, defs: Definitions, day: date) -> dict[str, tuple[int, float | None, float | None]]:
+    """{metric: (batch-truth windows, max rel error, mean rel error)} of one day, from the comparison view."""
+    cur.execute(
+        """SELECT metric, count(*), max(rel_error), avg(rel_error)
+           FROM quality.comparison WHERE day = %s AND metric = ANY(%s) GROUP BY metric""",
+        (day, [m.name for m in defs.metrics]),
+    )
+    return {metric: (windows, mx, mean) for metric, windows, mx, mean in cur.fetchall()}
+
+
+def _require_truth(defs: Definitions, day: date, figures: dict[str, Any]) -> None:
+    if not figures:
+        raise ConfigError(
+            f"there is no batch truth for {day}: nothing to compare the stream against. "
+            f"Run the Spark batch recompute for {day} first, then validate again."
+        )
+    missing = [m.name for m in defs.metrics if m.name not in figures]
+    if missing:
+        raise ConfigError(
+            f"the batch truth for {day} has no windows for {', '.join(missing)} (added to the definitions "
+            f"after the recompute?). Run the Spark batch recompute for {day} again, then validate again."
+        )
+
+
+@contextlib.contextmanager
+def _project_lock(gx_root: Path) -> Iterator[None]:
+    """Serialize runs that share a GX project: its stores are plain files rewritten on every run."""
+    lock_dir = gx_root / "uncommitted"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / ".batchmark.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _sync_project(context: FileDataContext, defs: Definitions) -> gx.Checkpoint:
+    """Bring datasource, suites, validation definitions and checkpoint in line with the definitions."""
+    batch_definition = _batch_definition(context)
+    validations = []
+    for metric in defs.metrics:
+        suite = context.suites.add_or_update(_suite(metric))
+        validations.append(
+            context.validation_definitions.add_or_update(
+                gx.ValidationDefinition(name=suite.name, data=batch_definition, suite=suite)
+            )
+        )
+    checkpoint = context.checkpoints.add_or_update(
+        gx.Checkpoint(
+            name=CHECKPOINT,
+            validation_definitions=validations,
+            actions=[UpdateDataDocsAction(name="update_data_docs", site_names=[DOCS_SITE])],
+            result_format=RESULT_FORMAT,
+        )
+    )
+    # Metrics dropped from the definitions: their suites and validation definitions go too.
+    wanted = {suite_name(m.name) for m in defs.metrics}
+    for vd in list(context.validation_definitions.all()):
+        if vd.name.startswith(SUITE_PREFIX) and vd.name not in wanted:
+            context.validation_definitions.delete(vd.name)
+    for suite in list(context.suites.all()):
+        if suite.name.startswith(SUITE_PREFIX) and suite.name not in wanted:
+            context.suites.delete(suite.name)
+    return checkpoint
+
+
+def _batch_definition(context: FileDataContext) -> BatchDefinition:
+    """The per-day batch of quality.comparison; the project file is only rewritten when something differs."""
+    template = "${" + GX_CONNECTION_VAR + "}"
+    ds = context.data_sources.all().get(DATASOURCE)
+    if not (
+        isinstance(ds, PostgresDatasource)
+        and str(ds.connection_string) == template
+        and ds.create_temp_table is False
+    ):
+        ds = context.data_sources.add_or_update_postgres(
+            DATASOURCE, connection_string=template, create_temp_table=False
+        )
+    try:
+        asset = ds.get_asset(ASSET)  # not get_assets_as_dict(): only get_asset links the asset to ds
+    except LookupError:
+        asset = None
+    if not (isinstance(asset, TableAsset) and (asset.schema_name, asset.table_name) == ("quality", "comparison")):
+        if asset is not None:
+            ds.delete_asset(ASSET)
+        asset = ds.add_table_asset(ASSET, schema_name="quality", table_name="comparison")
+    partitioner = PartitionerColumnValue(column_name="day")
+    try:
+        batch_definition = asset.get_batch_definition(BATCH_DEFINITION)
+        if batch_definition.partitioner == partitioner:
+            return batch_definition
+        asset.delete_batch_definition(BATCH_DEFINITION)
+    except KeyError:
+        pass
+    # A column-value partitioner filters with "day = <value>" (the daily one with EXTRACT(...), which scans
+    # every day in the view); GX only pre-validates the yearly/monthly/daily ones, hence no validation here.
+    return asset.add_batch_definition(BATCH_DEFINITION, partitioner=partitioner, validate_partitioner=False)
+
+
+def _suite(metric: Metric) -> gx.ExpectationSuite:
+    """A metric's checks: every batch-truth window has a stream row, and each rel_error is within tolerance."""
+    name = metric.name  # lower_snake_case, checked by load_definitions: safe inside SQL text
+    return gx.ExpectationSuite(
+        name=suite_name(name),
+        expectations=[
+            gx.expectations.UnexpectedRowsExpectation(
+                unexpected_rows_query=(
+                    "SELECT group_key, window_start, batch_value FROM {batch} "
+                    f"WHERE metric = '{name}' AND stream_events IS NULL"
+                ),
+                description=f"Every batch-truth window of {name} has a stream result",
+            ),
+            gx.expectations.ExpectColumnValuesToBeBetween(
+                column="rel_error",
+                min_value=0,
+                max_value=metric.tolerance,
+                row_condition=Column("metric") == name,
+                description=f"Relative error of {name} per window is at most {metric.tolerance:g}",
+            ),
+        ],
+    )
+
+
+def _metric_accuracy(
+    metric: Metric, vr: ExpectationSuiteValidationResult, figures: tuple[int, float | None, float | None]
+) -> MetricAccuracy:
+    """Join a metric's GX outcome (success, missing, over tolerance) with its figures from the view."""
+    by_type = {r.expectation_config.type: r for r in vr.results}
+    windows, max_rel, mean_rel = figures
+    return MetricAccuracy(
+        metric=metric.name,
+        success=bool(vr.success),
+        windows=windows,
+        missing=_observed(by_type["unexpected_rows_expectation"], "observed_value", metric.name),
+        over_tolerance=_observed(by_type["expect_column_values_to_be_between"], "unexpected_count", metric.name),
+        max_rel_error=max_rel,
+        mean_rel_error=mean_rel,
+        tolerance=metric.tolerance,
+    )
+
+
+def _observed(r: ExpectationValidationResult, key: str, metric: str) -> int:
+    """A count from an expectation's result; an expectation GX could not evaluate is an error, not a FAIL."""
+    if key in r.result:
+        return int(r.result[key])
+    info = r.exception_info
+    messages = [info["exception_message"]] if "exception_message" in info else [
+        getattr(v, "exception_message", str(v)) for v in info.values()]
+    raise BatchmarkError(f"GX could not evaluate {r.expectation_config.type} for {metric}: {'; '.join(messages)}")
+
+
+def _record(url: str, report: ValidationReport) -> None:
+    """Append one quality.accuracy_history row per metric, in one transaction."""
+    report_url = report.docs_index.as_uri()
+    rows = [
+        (report.run_id, report.day, m.metric, m.success, m.windows, m.missing, m.over_tolerance,
+         m.max_rel_error, m.mean_rel_error, m.tolerance, report_url)
+        for m in report.metrics
+    ]
+    with storage.transaction(url) as cur:
+        psycopg2.extras.execute_values(
+            cur,
+            """INSERT INTO quality.accuracy_history (run_id, day, metric, success, windows, missing,
+                   over_tolerance, max_rel_error, mean_rel_error, tolerance, report_url) VALUES %s""",
+            rows,
+        )
