@@ -2,21 +2,21 @@
 
 The GX project lives in ``settings.gx_root`` (``expectations/`` in the repo). Every run brings it in line with
 the definitions file: a Postgres datasource whose connection string is the ``${BATCHMARK_GX_CONNECTION}``
-variable (never stored), a table asset on the view ``quality.comparison`` batched by its ``day`` column, one
+variable (never stored), a query asset on the view ``quality.comparison`` batched by its ``day`` column, one
 suite per metric (completeness and relative error within tolerance), one validation definition per suite and
 one checkpoint that runs them all and updates the Data Docs.
 
-Pass or fail comes from the checkpoint; the figures beside it (windows, missing, over tolerance, max and mean
-relative error) are read from the same results and view, and every run is appended to
-``quality.accuracy_history``.
+Pass or fail comes from the checkpoint, and so do the counts of missing and over-tolerance windows; the
+number of windows and the max and mean relative error are read from the view with SQL. Every run appends one
+row per metric to ``quality.accuracy_history``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,8 @@ from great_expectations.core.partitioners import PartitionerColumnValue
 from great_expectations.core.run_identifier import RunIdentifier
 from great_expectations.data_context import FileDataContext
 from great_expectations.datasource.fluent import PostgresDatasource
-from great_expectations.datasource.fluent.sql_datasource import TableAsset
+from great_expectations.datasource.fluent.sql_datasource import QueryAsset
+from great_expectations.exceptions import DataContextError
 from great_expectations.expectations.row_conditions import Column
 
 from batchmark import storage
@@ -46,6 +47,9 @@ from batchmark.errors import BatchmarkError, ConfigError
 GX_CONNECTION_VAR = "BATCHMARK_GX_CONNECTION"
 DATASOURCE = "batchmark"
 ASSET = "comparison"
+# A query asset, not a table asset: TableAsset.schema_name is deprecated and Postgres datasources have no
+# other place for a schema. Postgres inlines the subquery, so the per-day filter still uses the day index.
+ASSET_QUERY = "SELECT * FROM quality.comparison"
 BATCH_DEFINITION = "by_day"
 CHECKPOINT = "nightly_accuracy"
 SUITE_PREFIX = "accuracy_"
@@ -54,9 +58,12 @@ DOCS_SITE = "local_site"
 RESULT_FORMAT = {"result_format": "SUMMARY", "unexpected_index_column_names": ["group_key", "window_start"]}
 
 
-@dataclass
+@dataclasses.dataclass
 class MetricAccuracy:
-    """One metric's figures for one day: how many batch-truth windows, how many missing or off, how far off."""
+    """One metric's figures for one day: how many batch-truth windows, how many missing or off, how far off.
+
+    The fields are in the column order of quality.accuracy_history.
+    """
 
     metric: str
     success: bool
@@ -68,7 +75,7 @@ class MetricAccuracy:
     tolerance: float
 
 
-@dataclass
+@dataclasses.dataclass
 class ValidationReport:
     """The outcome of validating one day: overall and per metric, with where to read the Data Docs."""
 
@@ -131,8 +138,9 @@ def validate_day(settings: Settings, defs: Definitions, day: date, run_id: str |
 
     by_suite = {vr.suite_name: vr for vr in result.run_results.values()}
     metrics = [_metric_accuracy(m, by_suite[suite_name(m.name)], figures[m.name]) for m in defs.metrics]
-    report = ValidationReport(day=day, run_id=run_id, success=bool(result.success), metrics=metrics,
-                              docs_index=docs_index)
+    report = ValidationReport(
+        day=day, run_id=run_id, success=bool(result.success), metrics=metrics, docs_index=docs_index
+    )
     _record(url, report)
     return report
 
@@ -158,6 +166,7 @@ def _day_figures(cur: Any, defs: Definitions, day: date) -> dict[str, tuple[int,
 
 
 def _require_truth(defs: Definitions, day: date, figures: dict[str, Any]) -> None:
+    """Refuse to validate a day (or a metric) the batch recompute has not produced truth for."""
     if not figures:
         raise ConfigError(
             f"there is no batch truth for {day}: nothing to compare the stream against. "
@@ -189,7 +198,9 @@ def _sync_project(context: FileDataContext, defs: Definitions) -> gx.Checkpoint:
     batch_definition = _batch_definition(context)
     validations = []
     for metric in defs.metrics:
-        suite = context.suites.add_or_update(_suite(metric))
+        suite = _suite(metric)
+        _keep_expectation_ids(context, suite)
+        suite = context.suites.add_or_update(suite)
         validations.append(
             context.validation_definitions.add_or_update(
                 gx.ValidationDefinition(name=suite.name, data=batch_definition, suite=suite)
@@ -214,14 +225,31 @@ def _sync_project(context: FileDataContext, defs: Definitions) -> gx.Checkpoint:
     return checkpoint
 
 
+def _keep_expectation_ids(context: FileDataContext, suite: gx.ExpectationSuite) -> None:
+    """Give unchanged expectations their stored ids, so the suite files only change when the checks do.
+
+    GX 1.24.1's suites.add_or_update means to do this, but compares expectations including their id.
+    meta and notes are left out of the comparison: batchmark sets neither (a stored one reads back as {}).
+    """
+    fields = {"id", "rendered_content", "meta", "notes"}
+    try:
+        stored = context.suites.get(suite.name).expectations
+    except DataContextError:
+        return
+    for expectation in suite.expectations:
+        content = expectation.dict(exclude=fields)
+        for old in stored:
+            if old.dict(exclude=fields) == content:
+                expectation.id = old.id
+                break
+
+
 def _batch_definition(context: FileDataContext) -> BatchDefinition:
     """The per-day batch of quality.comparison; the project file is only rewritten when something differs."""
     template = "${" + GX_CONNECTION_VAR + "}"
     ds = context.data_sources.all().get(DATASOURCE)
     if not (
-        isinstance(ds, PostgresDatasource)
-        and str(ds.connection_string) == template
-        and ds.create_temp_table is False
+        isinstance(ds, PostgresDatasource) and str(ds.connection_string) == template and ds.create_temp_table is False
     ):
         ds = context.data_sources.add_or_update_postgres(
             DATASOURCE, connection_string=template, create_temp_table=False
@@ -230,10 +258,10 @@ def _batch_definition(context: FileDataContext) -> BatchDefinition:
         asset = ds.get_asset(ASSET)  # not get_assets_as_dict(): only get_asset links the asset to ds
     except LookupError:
         asset = None
-    if not (isinstance(asset, TableAsset) and (asset.schema_name, asset.table_name) == ("quality", "comparison")):
+    if not (isinstance(asset, QueryAsset) and asset.query == ASSET_QUERY):
         if asset is not None:
             ds.delete_asset(ASSET)
-        asset = ds.add_table_asset(ASSET, schema_name="quality", table_name="comparison")
+        asset = ds.add_query_asset(ASSET, query=ASSET_QUERY)
     partitioner = PartitionerColumnValue(column_name="day")
     try:
         batch_definition = asset.get_batch_definition(BATCH_DEFINITION)
@@ -294,23 +322,21 @@ def _observed(r: ExpectationValidationResult, key: str, metric: str) -> int:
     if key in r.result:
         return int(r.result[key])
     info = r.exception_info
-    messages = [info["exception_message"]] if "exception_message" in info else [
-        getattr(v, "exception_message", str(v)) for v in info.values()]
+    messages = (
+        [info["exception_message"]]
+        if "exception_message" in info
+        else [getattr(v, "exception_message", str(v)) for v in info.values()]
+    )
     raise BatchmarkError(f"GX could not evaluate {r.expectation_config.type} for {metric}: {'; '.join(messages)}")
 
 
 def _record(url: str, report: ValidationReport) -> None:
     """Append one quality.accuracy_history row per metric, in one transaction."""
     report_url = report.docs_index.as_uri()
-    rows = [
-        (report.run_id, report.day, m.metric, m.success, m.windows, m.missing, m.over_tolerance,
-         m.max_rel_error, m.mean_rel_error, m.tolerance, report_url)
-        for m in report.metrics
-    ]
     with storage.transaction(url) as cur:
         psycopg2.extras.execute_values(
             cur,
             """INSERT INTO quality.accuracy_history (run_id, day, metric, success, windows, missing,
                    over_tolerance, max_rel_error, mean_rel_error, tolerance, report_url) VALUES %s""",
-            rows,
+            [(report.run_id, report.day, *dataclasses.astuple(m), report_url) for m in report.metrics],
         )

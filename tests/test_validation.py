@@ -1,0 +1,240 @@
+"""validate_day against the real Postgres: synthetic truth and stream rows for one day, checked with GX."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+from batchmark import config, storage
+from batchmark.definitions import Definitions, load_definitions
+from batchmark.engine import WindowResult
+from batchmark.errors import ConfigError
+from batchmark.validation import ValidationReport, validate_day
+from batchmark.windows import day_bounds_ms
+
+DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/batchmark_test_validation"
+DAY = date(2026, 11, 24)
+TENANTS = ("acme", "globex", "initech")
+WINDOWS_PER_METRIC = len(TENANTS) * 1440  # 1-minute windows over one day
+
+
+@pytest.fixture(scope="module")
+def database() -> str:
+    storage.ensure_database(DATABASE_URL)
+    return DATABASE_URL
+
+
+@pytest.fixture
+def defs() -> Definitions:
+    return load_definitions(config.REPO_ROOT / "batchmark" / "metrics.toml")
+
+
+@pytest.fixture
+def settings(database: str, tmp_path: Path) -> config.Settings:
+    """Settings on the test database, with a copy of the repo's GX project so no run writes into the repo."""
+    gx_root = tmp_path / "expectations"
+    shutil.copytree(config.REPO_ROOT / "expectations", gx_root, ignore=shutil.ignore_patterns("uncommitted"))
+    with storage.transaction(database) as cur:
+        cur.execute("TRUNCATE stream.results, truth.results, quality.metrics, quality.accuracy_history")
+    return dataclasses.replace(config.load(), database_url=database, gx_root=gx_root)
+
+
+def _windows(defs: Definitions) -> list[WindowResult]:
+    """One day of results per metric and tenant: jobs counts and cpu_seconds sums."""
+    start, _ = day_bounds_ms(DAY)
+    results = []
+    for metric in defs.metrics:
+        for t, tenant in enumerate(TENANTS):
+            for minute in range(1440):
+                s = start + minute * 60_000
+                n = 1 + (minute * 7 + t) % 13
+                value = float(n) if metric.kind == "count" else n * 37.25 + t
+                results.append(WindowResult(metric.name, tenant, s, s + 60_000, value, n))
+    return results
+
+
+@pytest.fixture
+def same_day(settings: config.Settings, defs: Definitions) -> list[WindowResult]:
+    """Batch truth and stream results of DAY that agree exactly."""
+    results = _windows(defs)
+    rows = [(r.metric, r.group_key, r.window_start_ms, r.window_end_ms, r.value, r.n_events) for r in results]
+    storage.replace_truth_day(settings.database_url, DAY, [m.name for m in defs.metrics], rows, "truth-run")
+    with storage.transaction(settings.database_url) as cur:
+        storage.upsert_stream_results(cur, results)
+    return results
+
+
+def _execute(settings: config.Settings, sql: str) -> int:
+    with storage.transaction(settings.database_url) as cur:
+        cur.execute(sql)
+        return cur.rowcount
+
+
+def _history(settings: config.Settings, run_id: str) -> dict[str, tuple]:
+    with storage.transaction(settings.database_url) as cur:
+        cur.execute(
+            """SELECT metric, day, success, windows, missing, over_tolerance, max_rel_error, tolerance, report_url
+               FROM quality.accuracy_history WHERE run_id = %s""",
+            (run_id,),
+        )
+        return {row[0]: row[1:] for row in cur.fetchall()}
+
+
+def _by_metric(report: ValidationReport) -> dict:
+    return {m.metric: m for m in report.metrics}
+
+
+def _project_files(gx_root: Path) -> dict[str, str]:
+    """The committed part of the GX project (everything but uncommitted/)."""
+    return {
+        str(p.relative_to(gx_root)): p.read_text()
+        for p in sorted(gx_root.rglob("*"))
+        if p.is_file() and p.relative_to(gx_root).parts[0] != "uncommitted"
+    }
+
+
+def test_identical_stream_and_truth_pass(settings, defs, same_day):
+    report = validate_day(settings, defs, DAY, run_id="run-identical")
+
+    assert report.success is True
+    assert report.day == DAY and report.run_id == "run-identical"
+    assert [m.metric for m in report.metrics] == ["jobs", "cpu_seconds"]
+    for m in report.metrics:
+        assert (m.success, m.windows, m.missing, m.over_tolerance) == (True, WINDOWS_PER_METRIC, 0, 0)
+        assert m.max_rel_error == 0.0 and m.mean_rel_error == 0.0 and m.tolerance == 0.0
+    assert report.summary_line() == (
+        f"2026-11-24 PASS: jobs {WINDOWS_PER_METRIC}/{WINDOWS_PER_METRIC} windows, max rel err 0 (tol 0); "
+        f"cpu_seconds {WINDOWS_PER_METRIC}/{WINDOWS_PER_METRIC} windows, max rel err 0 (tol 0)"
+    )
+    assert report.docs_index == settings.gx_root / "uncommitted" / "data_docs" / "local_site" / "index.html"
+    assert report.docs_index.is_file()
+    assert "accuracy_jobs" in report.docs_index.read_text()
+
+    history = _history(settings, "run-identical")
+    url = report.docs_index.as_uri()
+    assert history == {
+        "jobs": (DAY, True, WINDOWS_PER_METRIC, 0, 0, 0.0, 0.0, url),
+        "cpu_seconds": (DAY, True, WINDOWS_PER_METRIC, 0, 0, 0.0, 0.0, url),
+    }
+    with storage.transaction(settings.database_url) as cur:
+        cur.execute("SELECT metric, kind, tolerance FROM quality.metrics ORDER BY metric")
+        assert cur.fetchall() == [("cpu_seconds", "sum", 0.0), ("jobs", "count", 0.0)]
+
+
+def test_project_is_idempotent_and_holds_no_connection_string(settings, defs, same_day):
+    validate_day(settings, defs, DAY)
+    files = _project_files(settings.gx_root)
+    validate_day(settings, defs, DAY)
+
+    assert _project_files(settings.gx_root) == files  # a re-run rewrites nothing that is committed
+    assert {
+        "expectations/accuracy_jobs.json",
+        "expectations/accuracy_cpu_seconds.json",
+        "validation_definitions/accuracy_jobs.json",
+        "checkpoints/nightly_accuracy.json",
+    } <= set(files)
+    assert "connection_string: ${BATCHMARK_GX_CONNECTION}" in files["great_expectations.yml"]
+    for path in settings.gx_root.rglob("*"):
+        if path.is_file() and path.suffix in (".yml", ".json", ".html"):
+            assert "127.0.0.1:5432" not in path.read_text(), path
+    with storage.transaction(settings.database_url) as cur:
+        cur.execute("SELECT count(*), count(DISTINCT run_id) FROM quality.accuracy_history")
+        assert cur.fetchone() == (4, 2)
+
+
+def test_altered_stream_value_fails_only_that_metric(settings, defs, same_day):
+    changed = _execute(
+        settings,
+        """UPDATE stream.results SET value = value * 1.5
+           WHERE metric = 'cpu_seconds' AND group_key = 'globex' AND window_start = '2026-11-24 10:00:00+00'""",
+    )
+    assert changed == 1
+
+    report = validate_day(settings, defs, DAY, run_id="run-altered")
+
+    assert report.success is False
+    cpu, jobs = _by_metric(report)["cpu_seconds"], _by_metric(report)["jobs"]
+    assert (cpu.success, cpu.windows, cpu.missing, cpu.over_tolerance) == (False, WINDOWS_PER_METRIC, 0, 1)
+    assert cpu.max_rel_error == pytest.approx(0.5)
+    assert cpu.mean_rel_error == pytest.approx(0.5 / WINDOWS_PER_METRIC)
+    assert (jobs.success, jobs.missing, jobs.over_tolerance, jobs.max_rel_error) == (True, 0, 0, 0.0)
+    assert report.summary_line().startswith("2026-11-24 FAIL: jobs ")
+    assert "max rel err 0.5 (tol 0), 1 over tol" in report.summary_line()
+
+    history = _history(settings, "run-altered")
+    assert history["cpu_seconds"][1:5] == (False, WINDOWS_PER_METRIC, 0, 1)
+    assert history["jobs"][1:5] == (True, WINDOWS_PER_METRIC, 0, 0)
+
+    # The stored validation result (shown in the Data Docs) names the failing window.
+    results = list((settings.gx_root / "uncommitted" / "validations" / "accuracy_cpu_seconds").rglob("*.json"))
+    stored = json.loads(results[0].read_text())
+    between = next(r for r in stored["results"] if r["expectation_config"]["type"].endswith("_between"))
+    assert between["result"]["partial_unexpected_index_list"] == [
+        {"group_key": "globex", "window_start": "2026-11-24T10:00:00+00:00", "rel_error": 0.5}
+    ]
+
+
+def test_deleted_stream_row_is_missing(settings, defs, same_day):
+    deleted = _execute(
+        settings,
+        """DELETE FROM stream.results
+           WHERE metric = 'jobs' AND group_key = 'acme' AND window_start = '2026-11-24 23:59:00+00'""",
+    )
+    assert deleted == 1
+
+    report = validate_day(settings, defs, DAY, run_id="run-missing")
+
+    assert report.success is False
+    jobs, cpu = _by_metric(report)["jobs"], _by_metric(report)["cpu_seconds"]
+    assert (jobs.success, jobs.windows, jobs.missing, jobs.over_tolerance) == (False, WINDOWS_PER_METRIC, 1, 0)
+    assert jobs.max_rel_error == 0.0  # the missing window has no relative error
+    assert (cpu.success, cpu.missing, cpu.over_tolerance) == (True, 0, 0)
+    assert f"jobs {WINDOWS_PER_METRIC - 1}/{WINDOWS_PER_METRIC} windows" in report.summary_line()
+    assert _history(settings, "run-missing")["jobs"][1:5] == (False, WINDOWS_PER_METRIC, 1, 0)
+
+
+def test_tolerance_follows_the_definitions(settings, defs, same_day):
+    _execute(
+        settings,
+        """UPDATE stream.results SET value = value * 1.01
+           WHERE metric = 'cpu_seconds' AND group_key = 'acme' AND window_start = '2026-11-24 00:00:00+00'""",
+    )
+    assert validate_day(settings, defs, DAY).success is False
+
+    loose = dataclasses.replace(
+        defs,
+        metrics=tuple(dataclasses.replace(m, tolerance=0.02) if m.name == "cpu_seconds" else m for m in defs.metrics),
+    )
+    report = validate_day(settings, loose, DAY, run_id="run-loose")
+
+    cpu = _by_metric(report)["cpu_seconds"]
+    assert report.success is True
+    assert (cpu.success, cpu.over_tolerance, cpu.tolerance) == (True, 0, 0.02)
+    assert cpu.max_rel_error == pytest.approx(0.01)
+    suite = json.loads((settings.gx_root / "expectations" / "accuracy_cpu_seconds.json").read_text())
+    between = next(e for e in suite["expectations"] if e["type"] == "expect_column_values_to_be_between")
+    assert between["kwargs"]["max_value"] == 0.02
+    assert _history(settings, "run-loose")["cpu_seconds"][6] == 0.02
+
+    # A metric dropped from the definitions loses its suite and validation definition.
+    only_jobs = dataclasses.replace(defs, metrics=(defs.metric("jobs"),))
+    assert [m.metric for m in validate_day(settings, only_jobs, DAY).metrics] == ["jobs"]
+    assert not (settings.gx_root / "expectations" / "accuracy_cpu_seconds.json").exists()
+    assert not (settings.gx_root / "validation_definitions" / "accuracy_cpu_seconds.json").exists()
+
+
+def test_no_truth_for_the_day_is_refused(settings, defs, same_day):
+    other_day = date(2026, 11, 23)
+    with pytest.raises(ConfigError, match=r"no batch truth for 2026-11-23.*batch recompute"):
+        validate_day(settings, defs, other_day)
+
+    with storage.transaction(settings.database_url) as cur:
+        cur.execute("SELECT count(*) FROM quality.accuracy_history")
+        assert cur.fetchone() == (0,)
+        cur.execute("SELECT count(*) FROM quality.metrics")
+        assert cur.fetchone() == (2,)  # the tolerances are written before the refusal
