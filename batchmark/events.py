@@ -7,6 +7,7 @@ A clean event has ``event_id`` (str), ``event_time_ms`` (int) and the dataset's 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from datetime import datetime
@@ -49,13 +50,26 @@ def decode(raw: bytes) -> dict[str, Any] | Rejection:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         try:
-            raw.decode("utf-8")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as uexc:
             return Rejection("invalid_utf8", f"not UTF-8 at byte {uexc.start}")
-        return Rejection("invalid_json", str(exc)[:200])
+        try:  # the slow path tells NaN/Infinity and numbers beyond 64 bits apart from broken JSON
+            obj = json.loads(text, parse_constant=_reject_constant)
+        except _NotFinite as nexc:
+            return Rejection("not_finite", f"{nexc} is not a number JSON allows")
+        except (ValueError, RecursionError):
+            return Rejection("invalid_json", str(exc)[:200])
     if not isinstance(obj, dict):
         return Rejection("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
     return obj
+
+
+class _NotFinite(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> None:
+    raise _NotFinite(name)
 
 
 def parse_event_time(value: Any) -> int | None:

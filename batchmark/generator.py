@@ -25,7 +25,7 @@ MALFORMED = (
     ("invalid_json", lambda r: orjson.dumps(r)[:-7]),
     ("wrong_type", lambda r: orjson.dumps({**r, "cpu": "four"})),
     ("missing_field", lambda r: orjson.dumps({k: v for k, v in r.items() if k != "tenant"})),
-    ("invalid_json", lambda r: orjson.dumps(r).replace(b'"mem_gb":', b'"mem_gb":NaN,"x":')),
+    ("not_finite", lambda r: orjson.dumps(r).replace(b'"mem_gb":', b'"mem_gb":NaN,"x":')),
     ("out_of_range", lambda r: orjson.dumps({**r, "duration_s": -5.0})),
     ("unknown_field", lambda r: orjson.dumps({**r, "color": "blue"})),
     ("bad_event_time", lambda r: orjson.dumps({**r, "event_time": "yesterday"})),

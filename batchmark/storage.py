@@ -156,6 +156,7 @@ def init_schema(url: str) -> None:
         cur.execute("SELECT pg_advisory_xact_lock(4242)")  # two processes may init at once
         cur.execute(SCHEMA_SQL)
         cur.execute(CHECKPOINT_SQL)
+        cur.execute(FAILURES_SQL)
 
 
 def _row(r: Any) -> tuple[Any, ...]:
@@ -257,3 +258,25 @@ def write_checkpoint(
              next_offset = EXCLUDED.next_offset, watermark_ms = EXCLUDED.watermark_ms, updated_at = now()""",
         (topic, partition, resume_offset, next_offset, watermark_ms),
     )
+
+
+FAILURES_SQL = """
+CREATE TABLE IF NOT EXISTS quality.task_failures (
+    id         bigserial PRIMARY KEY,
+    dag_id     text NOT NULL,
+    task_id    text NOT NULL,
+    run_id     text NOT NULL,
+    day        text,
+    error      text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+
+def record_task_failure(url: str, dag_id: str, task_id: str, run_id: str, day: str | None, error: str) -> None:
+    """Keep a row per failed Airflow task (the DAG's failure callback)."""
+    with transaction(url) as cur:
+        cur.execute(
+            "INSERT INTO quality.task_failures (dag_id, task_id, run_id, day, error) VALUES (%s, %s, %s, %s, %s)",
+            (dag_id, task_id, run_id, day, error),
+        )

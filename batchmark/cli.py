@@ -1,0 +1,221 @@
+"""The ``batchmark`` command line: every step of the pipeline, and ``demo`` to run them all on one day."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from batchmark import config
+from batchmark.errors import BatchmarkError, ConfigError
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 0.5:
+        raise argparse.ArgumentTypeError(f"{text} is not a share between 0 and 0.5")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a positive whole number")
+    return value
+
+
+def _add_generator_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--events", type=_positive, default=100_000, help="events in the day (default 100000)")
+    p.add_argument("--tenants", type=_positive, default=8)
+    p.add_argument("--users-per-tenant", type=_positive, default=500)
+    p.add_argument("--skew", type=float, default=1.2, help="Zipf exponent of tenant/user popularity")
+    p.add_argument("--out-of-order", type=_share, default=0.05, help="share delayed within the lateness")
+    p.add_argument("--late", type=_share, default=0.0, help="share delayed past the allowed lateness")
+    p.add_argument("--duplicates", type=_share, default=0.0, help="share sent twice")
+    p.add_argument("--malformed", type=_share, default=0.001, help="share of malformed records")
+    p.add_argument("--seed", type=int, default=7)
+
+
+def _generator_config(args: argparse.Namespace, day):  # noqa: ANN001, ANN202
+    from batchmark.definitions import load_definitions
+    from batchmark.generator import GeneratorConfig
+
+    defs = load_definitions(config.load().definitions_path)
+    return GeneratorConfig(
+        day=day,
+        events=args.events,
+        tenants=args.tenants,
+        users_per_tenant=args.users_per_tenant,
+        skew=args.skew,
+        out_of_order=args.out_of_order,
+        late=args.late,
+        duplicates=args.duplicates,
+        malformed=args.malformed,
+        seed=args.seed,
+        lateness_ms=max(m.allowed_lateness_ms for m in defs.metrics),
+        window_ms=max(m.window_ms for m in defs.metrics),
+    )
+
+
+def cmd_init_db(args: argparse.Namespace) -> int:
+    from batchmark import storage
+
+    url = config.load().database_url
+    storage.ensure_database(url)
+    print(f"schema ready in {storage.db_name(url)}")
+    return 0
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    import time
+
+    from batchmark.broker import EmbeddedBroker, create_topics
+
+    s = config.load()
+    with EmbeddedBroker(port=args.port) as broker:
+        create_topics(broker.bootstrap, {s.events_topic: s.partitions, s.dlq_topic: 1})
+        print(f"embedded broker on {broker.bootstrap} (topics {s.events_topic}, {s.dlq_topic}); Ctrl-C stops it")
+        print(f"export KAFKA_BOOTSTRAP_SERVERS={broker.bootstrap}")
+        try:
+            while broker.proc and broker.proc.poll() is None:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    from batchmark.broker import create_topics
+
+    s = config.load()
+    create_topics(s.bootstrap_servers, {s.events_topic: s.partitions, s.dlq_topic: 1})
+    print(f"topics {s.events_topic} ({s.partitions} partitions) and {s.dlq_topic} exist on {s.bootstrap_servers}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from batchmark.generator import generate
+    from batchmark.windows import parse_day
+
+    manifest = generate(_generator_config(args, parse_day(args.date)), Path(args.out))
+    print(
+        f"wrote {manifest.records} records to {args.out}: {manifest.malformed} malformed, {manifest.late} late, "
+        f"{manifest.duplicates} duplicates"
+    )
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from batchmark.definitions import load_definitions
+    from batchmark.replay import replay
+
+    s = config.load()
+    path = Path(args.file)
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist")
+    stats = replay(
+        path,
+        s.bootstrap_servers,
+        args.topic or s.events_topic,
+        load_definitions(s.definitions_path),
+        rate=args.rate,
+        end_watermark=not args.no_end_watermark,
+    )
+    print(f"replayed {stats.records} records in {stats.seconds:.1f}s")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    faust = str(Path(sys.executable).parent / "faust")
+    os.execv(faust, [faust, "-A", "streaming.app", "worker", "--without-web", "-l", args.loglevel])
+    return 0  # not reached
+
+
+def cmd_recompute(args: argparse.Namespace) -> int:
+    import uuid
+
+    from batchmark import spark
+    from batchmark.windows import parse_day
+
+    result = spark.submit(config.load(), parse_day(args.date), args.run_id or f"cli-{uuid.uuid4().hex[:8]}")
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from batchmark import validation
+    from batchmark.definitions import load_definitions
+    from batchmark.windows import parse_day
+
+    s = config.load()
+    report = validation.validate_day(s, load_definitions(s.definitions_path), parse_day(args.date))
+    print(report.summary_line())
+    print(f"report: {report.docs_index}")
+    return 0 if report.success else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from batchmark.demo import run_demo
+    from batchmark.windows import parse_day, yesterday
+
+    day = parse_day(args.date) if args.date else yesterday()
+    return run_demo(day, _generator_config(args, day), keep=args.keep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batchmark", description="Batch is the benchmark of streaming.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="one day through every component, on embedded defaults")
+    p.add_argument("--date", help="the day to generate and benchmark, YYYY-MM-DD (default: yesterday)")
+    p.add_argument("--keep", action="store_true", help="leave the broker and the worker running at the end")
+    _add_generator_args(p)
+    p.set_defaults(fn=cmd_demo)
+
+    sub.add_parser("init-db", help="create the database and its schema").set_defaults(fn=cmd_init_db)
+    p = sub.add_parser("broker", help="run the embedded Kafka-protocol broker (Tansu) in the foreground")
+    p.add_argument("--port", type=_positive, default=19092)
+    p.set_defaults(fn=cmd_broker)
+    sub.add_parser("topics", help="create the events and dead-letter topics").set_defaults(fn=cmd_topics)
+
+    p = sub.add_parser("generate", help="write a synthetic day of cluster-job events as JSONL")
+    p.add_argument("--date", required=True, help="YYYY-MM-DD")
+    p.add_argument("--out", required=True, help="output .jsonl file")
+    _add_generator_args(p)
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("replay", help="send a JSONL, CSV or Parquet file record by record into the events topic")
+    p.add_argument("file")
+    p.add_argument("--rate", type=float, default=None, help="at most this many records per second")
+    p.add_argument("--topic", default=None)
+    p.add_argument("--no-end-watermark", action="store_true", help="do not close the replayed days at the end")
+    p.set_defaults(fn=cmd_replay)
+
+    p = sub.add_parser("worker", help="run the Faust stream worker (faust -A streaming.app worker)")
+    p.add_argument("--loglevel", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(fn=cmd_worker)
+
+    p = sub.add_parser("recompute", help="Spark: exact metrics of one day from the lake -> batch truth")
+    p.add_argument("--date", required=True, help="YYYY-MM-DD")
+    p.add_argument("--run-id", default=None)
+    p.set_defaults(fn=cmd_recompute)
+
+    p = sub.add_parser("validate", help="GX: compare one day's stream results with the batch truth")
+    p.add_argument("--date", required=True, help="YYYY-MM-DD")
+    p.set_defaults(fn=cmd_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except BatchmarkError as exc:
+        print(f"batchmark: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""The demo: one generated day through every real component, on embedded defaults.
+
+broker (Tansu) -> topics -> generate a day -> Faust worker -> replay -> wait until the day is landed and
+closed -> the nightly DAG (Spark recompute -> GX validation) via `airflow dags test` -> summary.
+Everything it starts it stops at the end, unless --keep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+from batchmark import config, storage
+from batchmark.airflow_env import airflow_bin, airflow_env, migrate
+from batchmark.broker import EmbeddedBroker, create_topics
+from batchmark.config import REPO_ROOT, Settings
+from batchmark.definitions import load_definitions
+from batchmark.errors import BatchmarkError
+from batchmark.generator import GeneratorConfig, generate
+from batchmark.lake import day_completeness
+from batchmark.pg import ensure_postgres
+from batchmark.replay import replay
+from batchmark.spark import check_java
+
+
+def reset_stream_epoch(settings: Settings) -> None:
+    """A new (empty) broker restarts offsets at 0: forget checkpoints and watermarks of the old one."""
+    with storage.transaction(settings.database_url) as cur:
+        cur.execute("DELETE FROM stream.checkpoints WHERE topic = %s", (settings.events_topic,))
+    for path in (settings.events_lake / "_watermarks").glob("p*.json"):
+        path.unlink()
+
+
+def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
+    """The Faust worker as a child process, logging to log_path."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    faust = str(Path(sys.executable).parent / "faust")
+    return subprocess.Popen(
+        [faust, "-A", "streaming.app", "worker", "--without-web", "-l", "info"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=open(log_path, "ab"),
+        stderr=subprocess.STDOUT,  # noqa: SIM115
+        start_new_session=True,
+    )
+
+
+def wait_for_day(
+    settings: Settings,
+    day: date,
+    lateness_ms: int,
+    worker: subprocess.Popen[bytes],
+    log_path: Path,
+    timeout_s: float = 900,
+) -> float:
+    """Block until every partition has landed and closed the day; returns the seconds waited."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if worker.poll() is not None:
+            raise BatchmarkError(f"the stream worker exited with code {worker.returncode}; see {log_path}")
+        done, _ = day_completeness(settings.events_lake, day, settings.partitions, lateness_ms)
+        if done:
+            return time.monotonic() - t0
+        time.sleep(0.5)
+    raise BatchmarkError(f"the stream worker did not finish {day} within {timeout_s:.0f}s; see {log_path}")
+
+
+def stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def run_demo(day: date, gen: GeneratorConfig, keep: bool = False) -> int:
+    """Run the whole pipeline for one generated day and print where the report is."""
+    check_java()
+    settings = config.load()
+    home = settings.home
+    (home / "logs").mkdir(parents=True, exist_ok=True)
+    os.environ["DATABASE_URL"] = ensure_postgres(settings)
+    broker = worker = None
+    started_broker = not os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    try:
+        if started_broker:
+            broker = EmbeddedBroker(log_path=home / "logs" / "broker.log").start()
+            os.environ["KAFKA_BOOTSTRAP_SERVERS"] = broker.bootstrap
+        settings = config.load()
+        print(
+            f"[1/5] broker {settings.bootstrap_servers} ({'embedded Tansu' if broker else 'external'}), "
+            f"postgres {storage.db_name(settings.database_url)}, lake {settings.lake}"
+        )
+        create_topics(settings.bootstrap_servers, {settings.events_topic: settings.partitions, settings.dlq_topic: 1})
+        if started_broker:
+            reset_stream_epoch(settings)
+        defs = load_definitions(settings.definitions_path)
+        lateness = max(m.allowed_lateness_ms for m in defs.metrics)
+
+        data = home / "data" / f"events-{day.isoformat()}.jsonl"
+        manifest = generate(gen, data)
+        print(
+            f"[2/5] generated {manifest.records} records for {day} -> {data} "
+            f"({manifest.malformed} malformed, {manifest.late} late, {manifest.duplicates} duplicates)"
+        )
+
+        worker_log = home / "logs" / "worker.log"
+        worker = start_worker(settings, worker_log)
+        t0 = time.monotonic()
+        stats = replay(data, settings.bootstrap_servers, settings.events_topic, defs)
+        waited = wait_for_day(settings, day, lateness, worker, worker_log)
+        stream_s = time.monotonic() - t0
+        print(
+            f"[3/5] stream: {stats.records} records replayed and processed in {stream_s:.1f}s "
+            f"({stats.records / stream_s:,.0f} records/s including the worker's start; worker log {worker_log})"
+        )
+
+        print("[4/5] nightly_recompute DAG (Spark recompute -> GX validation) via `airflow dags test` ...")
+        migrate(settings)
+        env = {**os.environ, **airflow_env(settings)}
+        t1 = time.monotonic()
+        dag_log = home / "logs" / f"dag-{day.isoformat()}.log"
+        with open(dag_log, "wb") as fh:
+            rc = subprocess.run(
+                [airflow_bin(), "dags", "test", "nightly_recompute", "-c", json.dumps({"date": day.isoformat()})],
+                env=env,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                cwd=REPO_ROOT,
+            ).returncode
+        dag_s = time.monotonic() - t1
+        print(f"      DAG finished in {dag_s:.0f}s with exit code {rc} (log {dag_log})")
+
+        summary = latest_accuracy(settings.database_url, day)
+        print(f"[5/5] {summary['line']}")
+        print(f"      validation report: {summary['report']}")
+        figures = {
+            "day": day.isoformat(),
+            "records": stats.records,
+            "windows": summary["windows"],
+            "stream_seconds": round(stream_s, 1),
+            "stream_records_per_s": round(stats.records / stream_s),
+            "dag_seconds": round(dag_s, 1),
+            "success": summary["success"],
+            "waited_s": round(waited, 1),
+        }
+        (home / "demo-figures.json").write_text(json.dumps(figures, indent=1))
+        return 0 if rc == 0 or not summary["success"] else 1
+    finally:
+        if keep:
+            print(
+                f"--keep: broker {os.environ.get('KAFKA_BOOTSTRAP_SERVERS')} and worker "
+                f"(pid {worker.pid if worker else '-'}) are still running"
+            )
+        else:
+            stop(worker)
+            if broker:
+                broker.stop()
+
+
+def latest_accuracy(url: str, day: date) -> dict[str, object]:
+    """The newest validation of a day from quality.accuracy_history, as one line."""
+    with storage.transaction(url) as cur:
+        cur.execute(
+            """SELECT metric, success, windows, missing, over_tolerance, max_rel_error, report_url
+               FROM quality.accuracy_history
+               WHERE day = %s AND run_id = (SELECT run_id FROM quality.accuracy_history WHERE day = %s
+                                            ORDER BY created_at DESC LIMIT 1)
+               ORDER BY metric""",
+            (day, day),
+        )
+        rows = cur.fetchall()
+    if not rows:
+        return {"line": f"no validation recorded for {day}", "report": "-", "success": False, "windows": 0}
+    ok = all(r[1] for r in rows)
+    parts = [
+        f"{m} {w - miss - over}/{w} windows ok, max rel err {mx if mx is not None else '-'}"
+        for m, _, w, miss, over, mx, _ in rows
+    ]
+    return {
+        "line": f"{day} {'PASS' if ok else 'FAIL'}: " + "; ".join(parts),
+        "report": rows[0][6],
+        "success": ok,
+        "windows": sum(r[2] for r in rows),
+    }

@@ -1,0 +1,148 @@
+"""One generated day through every real component: Tansu broker, Faust worker, lake, Spark, Postgres, GX, Airflow.
+
+The day has out-of-order events (within the lateness) and malformed records but no late events and no
+duplicates, so the stream must equal the batch truth exactly, window by window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+from datetime import date
+from pathlib import Path
+
+import orjson
+import pytest
+
+from batchmark import config, spark, storage, validation
+from batchmark.broker import create_topics
+from batchmark.definitions import load_definitions
+from batchmark.demo import start_worker, stop, wait_for_day
+from batchmark.generator import GeneratorConfig, generate
+from batchmark.replay import replay
+
+DAY = date(2026, 11, 24)
+pytestmark = pytest.mark.timeout(900)
+
+
+async def _read_topic(bootstrap: str, topic: str, expect: int, timeout_s: float = 30) -> list[dict]:
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False, group_id=None
+    )
+    await consumer.start()
+    out: list[dict] = []
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while len(out) < expect and loop.time() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for records in batch.values():
+                out.extend(orjson.loads(r.value) for r in records)
+    finally:
+        await consumer.stop()
+    return out
+
+
+@pytest.fixture(scope="module")
+def streamed_day(pg_url: str, broker, home: Path):  # noqa: ANN001, ANN201
+    """Generate a day, run the Faust worker, replay the day, wait until the stream has closed it."""
+    settings = config.load()
+    defs = load_definitions(settings.definitions_path)
+    create_topics(broker.bootstrap, {settings.events_topic: settings.partitions, settings.dlq_topic: 1})
+    data = home / "day.jsonl"
+    manifest = generate(
+        GeneratorConfig(day=DAY, events=12_000, tenants=6, out_of_order=0.05, malformed=0.004, seed=11), data
+    )
+    assert manifest.late == 0 and manifest.duplicates == 0 and manifest.malformed > 10
+    log = home / "worker.log"
+    worker = start_worker(settings, log)
+    try:
+        replay(data, broker.bootstrap, settings.events_topic, defs, progress=False)
+        wait_for_day(settings, DAY, max(m.allowed_lateness_ms for m in defs.metrics), worker, log, timeout_s=240)
+        yield settings, defs, manifest, worker
+    finally:
+        stop(worker)
+
+
+def test_malformed_records_land_in_the_dlq_with_their_reason(streamed_day) -> None:  # noqa: ANN001
+    settings, _, manifest, worker = streamed_day
+    dead = asyncio.run(_read_topic(settings.bootstrap_servers, settings.dlq_topic, manifest.malformed))
+    assert len(dead) == manifest.malformed
+    by_reason: dict[str, int] = {}
+    for d in dead:
+        by_reason[d["reason"]] = by_reason.get(d["reason"], 0) + 1
+        assert d["detail"] and d["topic"] == settings.events_topic
+        assert base64.b64decode(d["raw_b64"])  # the raw record is kept
+    assert by_reason == manifest.malformed_by_reason
+    assert worker.poll() is None  # the worker kept going
+
+
+def test_stream_results_count_every_valid_event_once(streamed_day, pg_url: str) -> None:  # noqa: ANN001
+    _, _, manifest, _ = streamed_day
+    stream = storage.fetch_results(pg_url, "stream", DAY)
+    jobs = sum(n for (metric, _, _), (_, n) in stream.items() if metric == "jobs")
+    assert jobs == manifest.valid_events == manifest.records - manifest.malformed
+
+
+def test_batch_truth_equals_stream_exactly_and_rerun_is_identical(streamed_day, pg_url: str) -> None:  # noqa: ANN001
+    settings, defs, manifest, _ = streamed_day
+    first = spark.submit(settings, DAY, "test-run-1")
+    truth1 = storage.fetch_results(pg_url, "truth", DAY)
+    second = spark.submit(settings, DAY, "test-run-2")
+    truth2 = storage.fetch_results(pg_url, "truth", DAY)
+    assert first["rows"] == second["rows"] == len(truth1) > 0
+    assert truth1 == truth2
+    assert first["unique_events"] == manifest.valid_events and first["rejected"] == {}
+    stream = storage.fetch_results(pg_url, "stream", DAY)
+    assert stream == truth1  # same windows, same values (bit for bit), same event counts
+
+
+def test_gx_checkpoint_passes_then_fails_on_one_altered_stream_value(streamed_day, pg_url: str) -> None:  # noqa: ANN001
+    settings, defs, _, _ = streamed_day
+    spark.submit(settings, DAY, "test-gx")
+    good = validation.validate_day(settings, defs, DAY, "test-gx-good")
+    assert good.success
+    assert all(m.max_rel_error == 0 and m.missing == 0 for m in good.metrics)
+    assert good.docs_index.exists()
+    with storage.transaction(pg_url) as cur:
+        cur.execute(
+            """UPDATE stream.results SET value = value * 1.5 WHERE ctid = (
+                         SELECT ctid FROM stream.results WHERE day = %s AND metric = 'cpu_seconds' LIMIT 1)""",
+            (DAY,),
+        )
+    try:
+        bad = validation.validate_day(settings, defs, DAY, "test-gx-bad")
+        assert not bad.success
+        by_metric = {m.metric: m for m in bad.metrics}
+        assert by_metric["cpu_seconds"].over_tolerance == 1 and not by_metric["cpu_seconds"].success
+        assert by_metric["jobs"].success
+    finally:
+        with storage.transaction(pg_url) as cur:
+            cur.execute(
+                """UPDATE stream.results s SET value = t.value FROM truth.results t
+                           WHERE s.metric = t.metric AND s.group_key = t.group_key
+                             AND s.window_start = t.window_start AND s.day = %s""",
+                (DAY,),
+            )
+
+
+def test_nightly_dag_runs_end_to_end(streamed_day, airflow_db: Path, pg_url: str) -> None:  # noqa: ANN001
+    from airflow.dag_processing.dagbag import DagBag
+
+    settings, _, _, _ = streamed_day
+    with storage.transaction(pg_url) as cur:
+        cur.execute("DELETE FROM truth.results WHERE day = %s", (DAY,))
+    dag = DagBag(os.environ["AIRFLOW__CORE__DAGS_FOLDER"]).get_dag("nightly_recompute")
+    run = dag.test(run_conf={"date": DAY.isoformat()})
+    assert str(run.state) in ("success", "DagRunState.SUCCESS")
+    states = {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
+    assert set(states) == {"wait_for_lake_day", "spark_recompute", "validate_with_gx", "check_accuracy"}
+    assert all(s in ("success", "TaskInstanceState.SUCCESS") for s in states.values()), states
+    assert len(storage.fetch_results(pg_url, "truth", DAY)) > 0
+    with storage.transaction(pg_url) as cur:
+        cur.execute("SELECT bool_and(success), count(*) FROM quality.accuracy_history WHERE run_id LIKE 'manual%%'")
+        ok, n = cur.fetchone()
+    assert ok and n == 2

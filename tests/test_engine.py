@@ -1,0 +1,91 @@
+"""Stream-side windows: watermark, lateness, closing, and non-destructive checkpoints."""
+
+from __future__ import annotations
+
+import math
+import random
+
+from batchmark.aggregates import Sum
+from batchmark.config import REPO_ROOT
+from batchmark.definitions import load_definitions
+from batchmark.engine import PartitionState
+from batchmark.windows import window_start
+
+DEFS = load_definitions(REPO_ROOT / "batchmark" / "metrics.toml")
+T0 = 1_795_478_400_000  # 2026-11-24T00:00:00Z
+
+
+def ev(i: int, t_ms: int, tenant: str = "a", cpu: float = 1.0, dur: float = 10.0) -> dict:
+    return {
+        "event_id": f"e{i}",
+        "event_time_ms": t_ms,
+        "tenant": tenant,
+        "user": "u",
+        "job_id": "j",
+        "cpu": cpu,
+        "mem_gb": 1.0,
+        "duration_s": dur,
+    }
+
+
+def test_window_closes_only_after_lateness() -> None:
+    st = PartitionState(DEFS)
+    st.add(ev(1, T0 + 1_000), offset=0)
+    st.add(ev(2, T0 + 60_000 + 29_000), offset=1)  # watermark: end of window 0 + 29 s < lateness 30 s
+    assert st.close_ready()[0] == []
+    st.add(ev(3, T0 + 60_000 + 30_000), offset=2)
+    rows, keys = st.close_ready()
+    assert {(r.metric, r.window_start_ms, r.value) for r in rows} == {("jobs", T0, 1.0), ("cpu_seconds", T0, 10.0)}
+    st.forget(keys)
+    assert st.close_ready()[0] == []
+
+
+def test_late_event_is_counted_not_added() -> None:
+    st = PartitionState(DEFS)
+    st.add(ev(1, T0 + 1_000), offset=0)
+    st.add(ev(2, T0 + 120_000), offset=1)  # closes window 0
+    rows, keys = st.close_ready()
+    st.forget(keys)
+    st.add(ev(3, T0 + 2_000), offset=2)  # late for window 0
+    assert st.late_counts() == [("jobs", T0, 1), ("cpu_seconds", T0, 1)]
+    st.clear_late()
+    st.add(ev(4, T0 + 3_000), offset=3, count_late=False)  # re-read after a restart: neither added nor late
+    assert st.late_counts() == []
+
+
+def test_close_ready_is_non_destructive_until_forget() -> None:
+    st = PartitionState(DEFS)
+    st.add(ev(1, T0), offset=5)
+    st.advance(T0 + 10 * 60_000)
+    first, _ = st.close_ready()
+    again, keys = st.close_ready()
+    assert first == again and len(first) == 2
+    assert st.first_open_offset() == 5
+    assert st.first_open_offset(exclude=keys) is None
+
+
+def test_groups_are_separate_windows() -> None:
+    st = PartitionState(DEFS)
+    for i, tenant in enumerate(["a", "b", "a"]):
+        st.add(ev(i, T0 + i, tenant=tenant), offset=i)
+    st.advance(T0 + 10 * 60_000)
+    jobs = {r.group_key: r.value for r in st.close_ready()[0] if r.metric == "jobs"}
+    assert jobs == {"a": 2.0, "b": 1.0}
+
+
+def test_exact_sum_is_order_independent_and_equals_fsum() -> None:
+    rng = random.Random(3)
+    values = [rng.uniform(-1e6, 1e6) * 10 ** rng.randint(-8, 8) for _ in range(2000)]
+    agg = Sum()
+    expected = math.fsum(values)
+    for _ in range(3):
+        rng.shuffle(values)
+        state = agg.new()
+        for v in values:
+            state = agg.add(state, v)
+        assert agg.result(state) == expected == agg.exact(values)
+
+
+def test_window_start() -> None:
+    assert window_start(T0 + 59_999, 60_000) == T0
+    assert window_start(T0 + 60_000, 60_000) == T0 + 60_000

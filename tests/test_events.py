@@ -1,0 +1,69 @@
+"""Validation: every class of bad record gets its reason; good records come out typed."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from batchmark.config import REPO_ROOT
+from batchmark.definitions import load_definitions
+from batchmark.events import Rejection, validate
+
+DS = load_definitions(REPO_ROOT / "batchmark" / "metrics.toml").dataset
+GOOD = {
+    "event_id": "e1",
+    "event_time": "2026-11-24T10:00:00.250Z",
+    "tenant": "t1",
+    "user": "u1",
+    "job_id": "j1",
+    "cpu": 2,
+    "mem_gb": 4.5,
+    "duration_s": 60,
+}
+
+
+def test_good_event_is_typed() -> None:
+    ev = validate(orjson.dumps(GOOD), DS)
+    assert ev == {
+        "event_id": "e1",
+        "event_time_ms": 1795514400250,
+        "tenant": "t1",
+        "user": "u1",
+        "job_id": "j1",
+        "cpu": 2.0,
+        "mem_gb": 4.5,
+        "duration_s": 60.0,
+    }
+
+
+def test_epoch_millis_event_time_is_accepted() -> None:
+    ev = validate(orjson.dumps({**GOOD, "event_time": 1795514400250}), DS)
+    assert ev["event_time_ms"] == 1795514400250
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (orjson.dumps(GOOD)[:-5], "invalid_json"),
+        (b'{"event_id": "e1", "cpu": NaN}', "not_finite"),
+        (orjson.dumps(GOOD).replace(b'"cpu":2', b'"cpu":-Infinity'), "not_finite"),
+        (b"\xff\xfe{}", "invalid_utf8"),
+        (b"[1, 2]", "not_an_object"),
+        (orjson.dumps({k: v for k, v in GOOD.items() if k != "user"}), "missing_field"),
+        (orjson.dumps({**GOOD, "cpu": "four"}), "wrong_type"),
+        (orjson.dumps({**GOOD, "cpu": True}), "wrong_type"),
+        (orjson.dumps({**GOOD, "duration_s": -1}), "out_of_range"),
+        (orjson.dumps(GOOD).replace(b'"mem_gb":4.5', b'"mem_gb":' + b"9" * 40), "out_of_range"),
+        (orjson.dumps(GOOD).replace(b'"mem_gb":4.5', b'"mem_gb":1e400'), "not_finite"),
+        (orjson.dumps({**GOOD, "event_time": "2026-11-24 10:00"}), "bad_event_time"),
+        (orjson.dumps({**GOOD, "event_time": "2600-01-01T00:00:00Z"}), "out_of_range"),
+        (orjson.dumps({**GOOD, "extra": 1}), "unknown_field"),
+        (orjson.dumps({**GOOD, "job_id": "x" * 1000}), "out_of_range"),
+        (b'{"a": "' + b"x" * 70_000 + b'"}', "too_large"),
+    ],
+)
+def test_bad_records_are_rejected_with_their_reason(raw: bytes, reason: str) -> None:
+    result = validate(raw, DS)
+    assert isinstance(result, Rejection)
+    assert result.reason == reason
+    assert result.detail
