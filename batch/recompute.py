@@ -3,7 +3,7 @@
     spark-submit --master local[*] batch/recompute.py --date 2026-11-24 [--run-id ID]
     (or: batchmark recompute --date 2026-11-24)
 
-Reads date=<day>/ of the lake, drops records delivered twice (same partition and offset) and then duplicate
+Reads date=<day>/ of the lake, drops records landed twice (same epoch, partition and offset) and then duplicate
 event ids (keeping the first), applies the stream's validation rules, and computes every metric with the core's
 window and aggregate code (batchmark.batch_compute) inside Spark. The day's truth rows are then replaced in one
 Postgres transaction: readers see the old day or the new one, never a mix. Prints one line
@@ -64,12 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     schema = ", ".join(
         ["event_id string", "event_time_ms bigint"]
         + [f"`{f.name}` {_spark_type(f.type)}" for f in ds.fields]
-        + ["_partition int", "_offset bigint"]
+        + ["_epoch string", "_partition int", "_offset bigint"]
     )
     raw = spark.read.schema(schema).parquet(str(path))
     n_records = raw.count()
-    once = raw.dropDuplicates(["_partition", "_offset"])  # at-least-once delivery into the lake
-    first = Window.partitionBy("event_id").orderBy("_partition", "_offset")
+    once = raw.dropDuplicates(["_epoch", "_partition", "_offset"])  # a record landed twice (at-least-once)
+    first = Window.partitionBy("event_id").orderBy("_epoch", "_partition", "_offset")
     unique = once.withColumn("_n", F.row_number().over(first)).where("_n = 1").drop("_n")
     defs_path = str(settings.definitions_path)
 

@@ -2,11 +2,13 @@
 
 Layout under ``<lake>/events/``::
 
-    date=2026-11-24/part-p0-000000000000-000000012345.parquet   (topic partition 0, offsets first..last)
+    date=2026-11-24/part-3f9a1c2e-p0-000000000000-000000012345.parquet   (epoch, partition 0, offsets)
     _watermarks/p0.json                                          ({"watermark_ms": ..., "next_offset": ...})
 
 Files are written to a hidden temporary name and renamed into place, so a reader never sees half a file
-(Spark ignores names starting with '.' or '_'). A day is complete when every partition's watermark has
+(Spark ignores names starting with '.' or '_'). The epoch names one life of a topic partition: a broker
+that lost its topics (the embedded one keeps them in memory) starts offsets at 0 again under a new epoch, so
+(epoch, partition, offset) always identifies one record. A day is complete when every partition's watermark has
 passed the day's end plus the largest allowed lateness: the stream has then landed and closed all of it.
 """
 
@@ -33,7 +35,7 @@ def arrow_schema(ds: Dataset) -> pa.Schema:
     return pa.schema(
         [("event_id", pa.string()), ("event_time_ms", pa.int64())]
         + [(f.name, _ARROW_TYPES[f.type]) for f in ds.fields]
-        + [("_partition", pa.int32()), ("_offset", pa.int64())]
+        + [("_epoch", pa.string()), ("_partition", pa.int32()), ("_offset", pa.int64())]
     )
 
 
@@ -50,10 +52,11 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 class LakeWriter:
     """Buffers clean events of one topic partition and lands them as Parquet files on flush."""
 
-    def __init__(self, root: Path, ds: Dataset, partition: int) -> None:
+    def __init__(self, root: Path, ds: Dataset, partition: int, epoch: str) -> None:
         self.root = root
         self.ds = ds
         self.partition = partition
+        self.epoch = epoch
         self.schema = arrow_schema(ds)
         self._rows: dict[date, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
         self.pending = 0
@@ -68,15 +71,16 @@ class LakeWriter:
         for day, rows in self._rows.items():
             cols: dict[str, list[Any]] = {name: [] for name in self.schema.names}
             for offset, ev in rows:
-                for name in self.schema.names[:-2]:
+                for name in self.schema.names[:-3]:
                     cols[name].append(ev[name])
+                cols["_epoch"].append(self.epoch)
                 cols["_partition"].append(self.partition)
                 cols["_offset"].append(offset)
             table = pa.Table.from_pydict(cols, schema=self.schema)
             target_dir = day_dir(self.root, day)
             target_dir.mkdir(parents=True, exist_ok=True)
             first, last = rows[0][0], rows[-1][0]
-            path = target_dir / f"part-p{self.partition}-{first:012d}-{last:012d}.parquet"
+            path = target_dir / f"part-{self.epoch}-p{self.partition}-{first:012d}-{last:012d}.parquet"
             tmp = path.with_name(f".{path.name}.tmp")
             pq.write_table(table, tmp, compression="snappy")
             os.replace(tmp, path)

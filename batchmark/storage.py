@@ -233,14 +233,15 @@ CREATE TABLE IF NOT EXISTS stream.checkpoints (
     updated_at    timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (topic, partition)
 );
+ALTER TABLE stream.checkpoints ADD COLUMN IF NOT EXISTS epoch text NOT NULL DEFAULT '';
 """
 
 
-def read_checkpoint(url: str, topic: str, partition: int) -> tuple[int, int, int] | None:
-    """(resume_offset, next_offset, watermark_ms) stored for a partition, or None."""
+def read_checkpoint(url: str, topic: str, partition: int) -> tuple[int, int, int, str] | None:
+    """(resume_offset, next_offset, watermark_ms, epoch) stored for a partition, or None."""
     with transaction(url) as cur:
         cur.execute(
-            "SELECT resume_offset, next_offset, watermark_ms FROM stream.checkpoints "
+            "SELECT resume_offset, next_offset, watermark_ms, epoch FROM stream.checkpoints "
             "WHERE topic = %s AND partition = %s",
             (topic, partition),
         )
@@ -249,14 +250,21 @@ def read_checkpoint(url: str, topic: str, partition: int) -> tuple[int, int, int
 
 
 def write_checkpoint(
-    cur: psycopg2.extensions.cursor, topic: str, partition: int, resume_offset: int, next_offset: int, watermark_ms: int
+    cur: psycopg2.extensions.cursor,
+    topic: str,
+    partition: int,
+    resume_offset: int,
+    next_offset: int,
+    watermark_ms: int,
+    epoch: str,
 ) -> None:
     cur.execute(
-        """INSERT INTO stream.checkpoints (topic, partition, resume_offset, next_offset, watermark_ms)
-           VALUES (%s, %s, %s, %s, %s)
+        """INSERT INTO stream.checkpoints (topic, partition, resume_offset, next_offset, watermark_ms, epoch)
+           VALUES (%s, %s, %s, %s, %s, %s)
            ON CONFLICT (topic, partition) DO UPDATE SET resume_offset = EXCLUDED.resume_offset,
-             next_offset = EXCLUDED.next_offset, watermark_ms = EXCLUDED.watermark_ms, updated_at = now()""",
-        (topic, partition, resume_offset, next_offset, watermark_ms),
+             next_offset = EXCLUDED.next_offset, watermark_ms = EXCLUDED.watermark_ms, epoch = EXCLUDED.epoch,
+             updated_at = now()""",
+        (topic, partition, resume_offset, next_offset, watermark_ms, epoch),
     )
 
 

@@ -15,6 +15,7 @@ import base64
 import hashlib
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,7 @@ class _Partition:
     lake: LakeWriter
     next_offset: int = 0
     replay_until: int = 0  # records below this were handled before the last checkpoint
+    epoch: str = ""
     dirty: bool = False
 
 
@@ -93,18 +95,23 @@ class StreamProcessor:
     def assign(self, partition: int) -> int | None:
         """Take over a partition from its Postgres checkpoint; returns the offset to resume from (or None)."""
         ckpt = storage.read_checkpoint(self.settings.database_url, self.topic, partition)
-        rt = _Partition(PartitionState(self.defs), LakeWriter(self.settings.events_lake, self.defs.dataset, partition))
+        epoch = ckpt[3] if ckpt and ckpt[3] else uuid.uuid4().hex[:8]
+        lake = LakeWriter(self.settings.events_lake, self.defs.dataset, partition, epoch)
+        rt = _Partition(PartitionState(self.defs), lake, epoch=epoch)
         if ckpt:
-            resume, next_offset, watermark = ckpt
+            resume, next_offset, watermark, _ = ckpt
             rt.state.watermark_ms = watermark
             rt.replay_until = rt.next_offset = next_offset
             log.info(
-                "partition %d: resuming at offset %d (checkpoint next=%d, watermark=%d)",
+                "partition %d: resuming at offset %d (epoch %s, checkpoint next=%d, watermark=%d)",
                 partition,
                 resume,
+                epoch,
                 next_offset,
                 watermark,
             )
+        else:
+            log.info("partition %d: no checkpoint, starting epoch %s", partition, epoch)
         self.partitions[partition] = rt
         return ckpt[0] if ckpt else None
 
@@ -176,7 +183,7 @@ class StreamProcessor:
                 storage.upsert_stream_results(cur, results)
                 storage.add_late_events(cur, late)
                 for p, (resume, nxt, wm) in points.items():
-                    storage.write_checkpoint(cur, self.topic, p, resume, nxt, wm)
+                    storage.write_checkpoint(cur, self.topic, p, resume, nxt, wm, self.partitions[p].epoch)
             for p, (_, nxt, wm) in points.items():
                 rt = self.partitions[p]
                 rt.state.forget(closed[p])
