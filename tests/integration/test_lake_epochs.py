@@ -20,8 +20,16 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def _event(i: int, t_ms: int) -> dict:
-    return {"event_id": f"epoch-test-{i}", "event_time_ms": t_ms, "tenant": "t1", "user": "u", "job_id": "j",
-            "cpu": 1.0, "mem_gb": 1.0, "duration_s": float(i)}
+    return {
+        "event_id": f"epoch-test-{i}",
+        "event_time_ms": t_ms,
+        "tenant": "t1",
+        "user": "u",
+        "job_id": "j",
+        "cpu": 1.0,
+        "mem_gb": 1.0,
+        "duration_s": float(i),
+    }
 
 
 def test_colliding_offsets_of_two_epochs_and_a_relanded_record(pg_url: str) -> None:

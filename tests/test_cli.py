@@ -1,0 +1,56 @@
+"""The CLI refuses bad input with a message that says what to fix, and names unreachable services."""
+
+from __future__ import annotations
+
+import pytest
+
+from batchmark import cli
+from batchmark.broker import free_port
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exc:  # argparse refusals
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+@pytest.mark.parametrize("bad", ["2026-13-01", "yesterday", "2026-11-24'; DROP TABLE x; --", ""])
+def test_malformed_date_is_refused(capsys: pytest.CaptureFixture[str], bad: str) -> None:
+    code, out = run(capsys, "validate", "--date", bad)
+    assert code == 2
+    assert "YYYY-MM-DD" in out
+
+
+def test_bad_generator_share_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run(capsys, "generate", "--date", "2026-11-24", "--out", "/tmp/x.jsonl", "--late", "2")
+    assert code == 2 and "between 0 and 0.5" in out
+
+
+def test_unreachable_broker_is_named(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:  # noqa: ANN001
+    port = free_port()
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", f"127.0.0.1:{port}")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"a": 1}\n')
+    code, out = run(capsys, "replay", str(data))
+    assert code == 2
+    assert f"no Kafka broker at 127.0.0.1:{port}" in out and "KAFKA_BOOTSTRAP_SERVERS" in out
+
+
+def test_unreachable_postgres_is_named(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    port = free_port()
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres@127.0.0.1:{port}/nope")
+    code, out = run(capsys, "init-db")
+    assert code == 2
+    assert "cannot reach PostgreSQL" in out and "DATABASE_URL" in out
+
+
+def test_replay_of_an_unknown_format_is_refused(capsys: pytest.CaptureFixture[str], broker, tmp_path) -> None:  # noqa: ANN001
+    data = tmp_path / "d.xml"
+    data.write_text("<a/>")
+    code, out = run(capsys, "replay", str(data))
+    assert code == 2 and ".jsonl, .csv or .parquet" in out
