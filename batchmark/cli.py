@@ -35,6 +35,7 @@ def _add_generator_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--late", type=_share, default=0.0, help="share delayed past the allowed lateness")
     p.add_argument("--duplicates", type=_share, default=0.0, help="share sent twice")
     p.add_argument("--malformed", type=_share, default=0.001, help="share of malformed records")
+    p.add_argument("--lost", type=_share, default=0.0, help="share kept in the archive but never sent to the stream")
     p.add_argument("--seed", type=int, default=7)
 
 
@@ -54,6 +55,8 @@ def _generator_config(args: argparse.Namespace, day):  # noqa: ANN001, ANN202
         duplicates=args.duplicates,
         malformed=args.malformed,
         seed=args.seed,
+        lost=args.lost,
+        partitions=config.load().partitions,
         lateness_ms=max(m.allowed_lateness_ms for m in defs.metrics),
         window_ms=max(m.window_ms for m in defs.metrics),
     )
@@ -99,7 +102,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from batchmark.generator import generate
     from batchmark.windows import parse_day
 
-    manifest = generate(_generator_config(args, parse_day(args.date)), Path(args.out))
+    archive = Path(args.archive) if args.archive else None
+    manifest = generate(_generator_config(args, parse_day(args.date)), Path(args.out), archive=archive)
     print(
         f"wrote {manifest.records} records to {args.out}: {manifest.malformed} malformed, {manifest.late} late, "
         f"{manifest.duplicates} duplicates"
@@ -183,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="write a synthetic day of cluster-job events as JSONL")
     p.add_argument("--date", required=True, help="YYYY-MM-DD")
     p.add_argument("--out", required=True, help="output .jsonl file")
+    p.add_argument(
+        "--archive",
+        help="also write the day's system of record here (every valid event once); "
+        "put it at $BATCHMARK_ARCHIVE/events-DATE.jsonl for the recompute to use it",
+    )
     _add_generator_args(p)
     p.set_defaults(fn=cmd_generate)
 

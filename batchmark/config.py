@@ -26,6 +26,7 @@ class Settings:
     airflow_home: Path
     definitions_path: Path
     gx_root: Path
+    archive: Path
     events_topic: str = "events"
     dlq_topic: str = "events.dlq"
     partitions: int = 2
@@ -44,6 +45,10 @@ class Settings:
     def events_lake(self) -> Path:
         return self.lake / "events"
 
+    def archive_file(self, day: object) -> Path:
+        """The system of record for a day (every valid event once), when the source keeps one."""
+        return self.archive / f"events-{day}.jsonl"
+
 
 def load() -> Settings:
     """Read the settings from the environment (defaults: everything on 127.0.0.1 under ./.batchmark)."""
@@ -57,6 +62,7 @@ def load() -> Settings:
         airflow_home=Path(_env("AIRFLOW_HOME", str(home / "airflow"))).resolve(),
         definitions_path=Path(_env("BATCHMARK_DEFINITIONS", str(REPO_ROOT / "batchmark" / "metrics.toml"))),
         gx_root=Path(_env("BATCHMARK_GX_ROOT", str(REPO_ROOT / "expectations"))).resolve(),
+        archive=Path(_env("BATCHMARK_ARCHIVE", str(home / "archive"))).resolve(),
         events_topic=_env("BATCHMARK_EVENTS_TOPIC", "events"),
         dlq_topic=_env("BATCHMARK_DLQ_TOPIC", "events.dlq"),
         partitions=int(_env("BATCHMARK_PARTITIONS", "2")),

@@ -134,7 +134,17 @@ def compile_value(expr: str, numeric_fields: set[str]) -> tuple[Callable[[dict[s
 
 @dataclass(frozen=True)
 class Metric:
-    """One metric: what to aggregate, per which keys, over which event-time window, and how exact it must be."""
+    """One metric: what to aggregate, per which keys, over which event-time window, and how exact it must be.
+
+    tolerance: the largest accuracy error allowed per window (default: the kind's theoretical bound);
+    mostly: the share of windows that must be within it (1.0 for deterministic kinds, 0.99 for sketches).
+    """
+
+    @property
+    def aggregate(self) -> Any:
+        from batchmark.aggregates import aggregate_for
+
+        return aggregate_for(self.kind, self.params)
 
     name: str
     kind: str
@@ -142,6 +152,7 @@ class Metric:
     window_ms: int
     allowed_lateness_ms: int
     tolerance: float
+    mostly: float = 1.0
     value_expr: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     value_fn: Callable[[dict[str, Any]], float] | None = field(default=None, compare=False, repr=False)
@@ -197,16 +208,43 @@ def _dataset(raw: dict[str, Any]) -> Dataset:
     return ds
 
 
-METRIC_KINDS = ("count", "sum", "mean", "min", "max")
+PARAMS = {  # kind -> (required, optional) parameters, given as keys of the [[metric]] entry
+    "distinct": ((), ("lg_k",)),
+    "quantile": (("q",), ("k",)),
+    "topk": ((), ("k", "lg_max_map_size")),
+    "binpack": (("capacity",), ()),
+}
+
+
+def _params(name: str, kind: str, raw: dict[str, Any]) -> dict[str, Any]:
+    required, optional = PARAMS.get(kind, ((), ()))
+    params = {k: raw[k] for k in (*required, *optional) if k in raw}
+    for k in required:
+        if k not in params:
+            raise ConfigError(f"metric {name!r}: kind {kind!r} needs {k!r}")
+    for k, v in params.items():
+        if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+            raise ConfigError(f"metric {name!r}: {k} must be a positive number")
+    if kind == "quantile" and not 0 < params["q"] < 1:
+        raise ConfigError(f"metric {name!r}: q must be between 0 and 1, e.g. 0.95")
+    if "lg_k" in params and not 4 <= params["lg_k"] <= 21:
+        raise ConfigError(f"metric {name!r}: lg_k must be between 4 and 21")
+    if "lg_max_map_size" in params and not 3 <= params["lg_max_map_size"] <= 20:
+        raise ConfigError(f"metric {name!r}: lg_max_map_size must be between 3 and 20")
+    if "k" in params and not float(params["k"]).is_integer():
+        raise ConfigError(f"metric {name!r}: k must be a whole number")
+    return params
 
 
 def _metric(raw: dict[str, Any], ds: Dataset) -> Metric:
+    from batchmark.aggregates import AGGREGATES, aggregate_for
+
     name = raw.get("name", "")
     if not _NAME.match(name):
         raise ConfigError(f"metric name {name!r} must be lower_snake_case (letters, digits, _)")
     kind = raw.get("kind")
-    if kind not in METRIC_KINDS:
-        raise ConfigError(f"metric {name!r}: kind {kind!r} is not one of {METRIC_KINDS}")
+    if kind not in AGGREGATES:
+        raise ConfigError(f"metric {name!r}: kind {kind!r} is not one of {tuple(AGGREGATES)}")
     group_by = tuple(raw.get("group_by", []))
     for key in group_by:
         if key not in ds.field_names:
@@ -219,16 +257,30 @@ def _metric(raw: dict[str, Any], ds: Dataset) -> Metric:
     window_ms = parse_duration_ms(raw.get("window", "1m"))
     if window_ms <= 0 or DAY_MS % window_ms:
         raise ConfigError(f"metric {name!r}: window must divide one day evenly (e.g. 1m, 5m, 1h)")
+    params = _params(name, kind, raw)
+    agg = aggregate_for(kind, params)
     numeric = {f.name for f in ds.fields if f.type in ("float", "int")}
     value_expr = raw.get("value")
     value_fn = value_sql = None
-    if kind != "count":
+    if agg.input == "number":
         if not value_expr:
             raise ConfigError(f"metric {name!r}: kind {kind!r} needs a 'value' expression, e.g. value = \"cpu\"")
         value_fn, value_sql = compile_value(value_expr, numeric)
-    tolerance = float(raw.get("tolerance", 0.0))
+    elif agg.input == "field":
+        field_name = raw.get("field")
+        if field_name not in ds.field_names:
+            raise ConfigError(f"metric {name!r}: kind {kind!r} needs 'field', one of {ds.field_names}")
+        value_expr = field_name
+        value_fn = _field_getter(field_name)
+        value_sql = f"`{field_name}`"
+    tolerance = float(raw.get("tolerance", agg.bound()))
     if not 0.0 <= tolerance < 1e6:
         raise ConfigError(f"metric {name!r}: tolerance must be >= 0")
+    mostly = float(raw.get("mostly", 0.99 if agg.probabilistic else 1.0))
+    if not 0.0 < mostly <= 1.0:
+        raise ConfigError(
+            f"metric {name!r}: mostly (the share of windows that must be within tolerance) must be in (0, 1]"
+        )
     return Metric(
         name=name,
         kind=kind,
@@ -236,11 +288,19 @@ def _metric(raw: dict[str, Any], ds: Dataset) -> Metric:
         window_ms=window_ms,
         allowed_lateness_ms=parse_duration_ms(raw.get("allowed_lateness", "0s")),
         tolerance=tolerance,
+        mostly=mostly,
         value_expr=value_expr,
-        params=dict(raw.get("params", {})),
+        params=params,
         value_fn=value_fn,
         value_sql=value_sql,
     )
+
+
+def _field_getter(name: str) -> Callable[[Any], Any]:
+    def get(r: Any) -> Any:
+        return r[name]
+
+    return get
 
 
 def load_definitions(path: Path | str) -> Definitions:

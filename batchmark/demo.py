@@ -32,7 +32,7 @@ def reset_stream_epoch(settings: Settings) -> None:
     """A new (empty) broker restarts offsets at 0: forget checkpoints and watermarks of the old one."""
     with storage.transaction(settings.database_url) as cur:
         cur.execute("DELETE FROM stream.checkpoints WHERE topic = %s", (settings.events_topic,))
-    for path in (settings.events_lake / "_watermarks").glob("p*.json"):
+    for path in (settings.events_lake / "_watermarks").glob(f"{settings.events_topic}-p*.json"):
         path.unlink()
 
 
@@ -78,7 +78,7 @@ def wait_for_day(
     while time.monotonic() - t0 < timeout_s:
         if worker.poll() is not None:
             raise BatchmarkError(f"the stream worker exited with code {worker.returncode}; see {log_path}")
-        done, _ = day_completeness(settings.events_lake, day, settings.partitions, lateness_ms)
+        done, _ = day_completeness(settings.events_lake, settings.events_topic, day, settings.partitions, lateness_ms)
         if done:
             return time.monotonic() - t0
         time.sleep(0.5)
@@ -121,10 +121,11 @@ def run_demo(day: date, gen: GeneratorConfig, keep: bool = False) -> int:
         worker_log = home / "logs" / "worker.log"
         worker = start_worker(settings, worker_log)  # it joins its group while the day is generated
         data = home / "data" / f"events-{day.isoformat()}.jsonl"
-        manifest = generate(gen, data)
+        manifest = generate(gen, data, archive=settings.archive_file(day))
         print(
             f"[2/5] generated {manifest.records} records for {day} -> {data} "
-            f"({manifest.malformed} malformed, {manifest.late} late, {manifest.duplicates} duplicates)"
+            f"({manifest.malformed} malformed, {manifest.late} late, {manifest.duplicates} duplicates, "
+            f"{manifest.lost} lost; archive {settings.archive_file(day)})"
         )
 
         wait_until_ready(worker, worker_log)
@@ -184,7 +185,7 @@ def latest_accuracy(url: str, day: date) -> dict[str, object]:
     """The newest validation of a day from quality.accuracy_history, as one line."""
     with storage.transaction(url) as cur:
         cur.execute(
-            """SELECT metric, success, windows, missing, over_tolerance, max_rel_error, report_url
+            """SELECT metric, success, windows, missing, over_tolerance, max_error, report_url
                FROM quality.accuracy_history
                WHERE day = %s AND run_id = (SELECT run_id FROM quality.accuracy_history WHERE day = %s
                                             ORDER BY created_at DESC LIMIT 1)

@@ -25,6 +25,7 @@ class WindowResult:
     window_end_ms: int
     value: float
     n_events: int
+    detail: dict[str, Any] | None = None
 
 
 @dataclass
@@ -95,7 +96,8 @@ class PartitionState:
             m = ms.metric
             for k, (state, n, _) in ms.windows.items():
                 if flush_all or is_closed(k[0], m.window_ms, m.allowed_lateness_ms, wm):
-                    out.append(WindowResult(m.name, k[1], k[0], k[0] + m.window_ms, ms.agg.result(state), n))
+                    value, detail = ms.agg.result(state)
+                    out.append(WindowResult(m.name, k[1], k[0], k[0] + m.window_ms, value, n, detail))
                     keys.append((i, k))
         return out, keys
 
@@ -103,6 +105,10 @@ class PartitionState:
         """Drop windows whose results are stored."""
         for i, k in keys:
             self.metrics[i].windows.pop(k, None)
+
+    def state_bytes(self) -> dict[str, list[int]]:
+        """Memory of every open window's state, per metric (for the accuracy benchmark)."""
+        return {ms.metric.name: [ms.agg.state_bytes(slot[0]) for slot in ms.windows.values()] for ms in self.metrics}
 
     def late_counts(self) -> list[tuple[str, int, int]]:
         """The late-event counts not stored yet: (metric, window_start_ms, n)."""

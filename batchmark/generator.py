@@ -1,8 +1,9 @@
 """Synthetic events for the default domain: jobs submitted by tenants to a shared compute cluster.
 
 Writes a JSONL file in *arrival order* (the order a replay sends them), with configurable shares of
-out-of-order, late, duplicated and malformed records, and a manifest beside it that states how many of each
-it wrote, so tests and the accuracy report can check attribution against known truth.
+out-of-order, late, duplicated, malformed and lost records, and a manifest beside it that states how many of
+each it wrote, so tests and the accuracy report can check attribution against known truth. Optionally writes
+the archive too: the system of record, every valid event once (lost ones included), as the batch's truth.
 """
 
 from __future__ import annotations
@@ -46,23 +47,27 @@ class GeneratorConfig:
     late: float = 0.0  # delayed past the window end plus the allowed lateness
     duplicates: float = 0.0  # the same event (same id) sent a second time, soon after
     malformed: float = 0.0  # records that fail validation (cycling through MALFORMED)
+    lost: float = 0.0  # in the archive (the system of record) but never sent to the stream
     lateness_ms: int = 30_000  # the allowed lateness late events must exceed
-    window_ms: int = 60_000
+    window_ms: int = 60_000  # the window used to tell which records arrive late
+    partitions: int = 2  # watermarks are per partition: the replay keys by tenant with Kafka's partitioner
     seed: int = 7
 
 
 @dataclass
 class Manifest:
-    """What a generated file contains, by construction."""
+    """What a generated file contains, by construction (late: by simulating the stream's watermark rule)."""
 
     day: str
     records: int
-    valid_events: int
-    distinct_events: int
+    valid_events: int  # valid records sent, duplicate copies included
+    distinct_events: int  # valid events sent, each once
     out_of_order: int
-    late: int
-    duplicates: int
+    late: int  # valid records (copies too) that arrive after their window closed
+    duplicates: int  # extra copies sent
     malformed: int
+    lost: int = 0
+    archive: str | None = None
     malformed_by_reason: dict[str, int] = field(default_factory=dict)
     late_event_ids: list[str] = field(default_factory=list)
     duplicate_event_ids: list[str] = field(default_factory=list)
@@ -73,8 +78,11 @@ def _zipf_weights(n: int, s: float) -> np.ndarray:
     return w / w.sum()
 
 
-def generate(cfg: GeneratorConfig, out: Path) -> Manifest:
-    """Write cfg.events events of cfg.day (plus duplicates) to `out` as JSONL; return the manifest."""
+def generate(cfg: GeneratorConfig, out: Path, archive: Path | None = None) -> Manifest:
+    """Write cfg.events events of cfg.day (plus duplicates) to `out` as JSONL; return the manifest.
+
+    With `archive`, also write the system of record there: every valid event once, lost ones included.
+    """
     rng = np.random.default_rng(cfg.seed)
     start, end = day_bounds_ms(cfg.day)
     n = cfg.events
@@ -85,22 +93,19 @@ def generate(cfg: GeneratorConfig, out: Path) -> Manifest:
     mem = rng.choice(MEMS, size=n)
     duration = np.round(rng.lognormal(4.0, 1.2, size=n)).clip(1, 2_592_000)
 
-    # arrival = event time + delay; late delays exceed window + lateness, so the window is surely closed
+    # arrival = event time + delay; late delays exceed window + lateness, so the window is usually closed
     delay = np.zeros(n, dtype=np.int64)
     kinds = rng.random(n)
-    n_ooo_cut = cfg.out_of_order
-    n_late_cut = cfg.out_of_order + cfg.late
-    ooo = kinds < n_ooo_cut
-    late = (kinds >= n_ooo_cut) & (kinds < n_late_cut)
+    ooo = kinds < cfg.out_of_order
+    late = (kinds >= cfg.out_of_order) & (kinds < cfg.out_of_order + cfg.late)
     delay[ooo] = rng.integers(1, max(2, int(cfg.lateness_ms * 0.8)), size=int(ooo.sum()))
-    late_min = cfg.window_ms + cfg.lateness_ms + 1_000  # usually late; the manifest says which really are
+    late_min = cfg.window_ms + cfg.lateness_ms + 1_000
     delay[late] = rng.integers(late_min, late_min + 300_000, size=int(late.sum()))
     late &= times + delay < end  # stay inside the day
     delay[~late & ~ooo] = 0
 
-    records = []
-    for i in range(n):
-        rec = {
+    events = [
+        {
             "event_id": f"{cfg.day.isoformat()}-{i:09d}",
             "event_time": ms_to_datetime(int(times[i])).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "tenant": f"tenant-{tenant_ix[i]:02d}",
@@ -110,55 +115,74 @@ def generate(cfg: GeneratorConfig, out: Path) -> Manifest:
             "mem_gb": float(mem[i]),
             "duration_s": float(duration[i]),
         }
-        records.append((int(times[i] + delay[i]), i, rec))
-
+        for i in range(n)
+    ]
+    arrivals = [(int(times[i] + delay[i]), i) for i in range(n)]
     dup_ix = np.flatnonzero(rng.random(n) < cfg.duplicates)
-    for i in dup_ix:  # the copy arrives soon after the original, within the lateness
-        t = records[i][0] + int(rng.integers(1, max(2, cfg.lateness_ms // 2)))
-        records.append((t, i, records[i][2]))
+    for i in dup_ix:  # the copy arrives soon after the original
+        arrivals.append((arrivals[i][0] + int(rng.integers(1, max(2, cfg.lateness_ms // 2))), int(i)))
+    taken = set(dup_ix.tolist())
+    mal_ix = set(np.flatnonzero(rng.random(n) < cfg.malformed).tolist()) - taken
+    lost_ix = set(np.flatnonzero(rng.random(n) < cfg.lost).tolist()) - taken - mal_ix
+    arrivals.sort()
 
-    mal_ix = set(np.flatnonzero(rng.random(n) < cfg.malformed).tolist()) - set(dup_ix.tolist())
-    records.sort(key=lambda r: (r[0], r[1]))
     manifest = Manifest(
         day=cfg.day.isoformat(),
-        records=len(records),
+        records=0,
         valid_events=0,
         distinct_events=0,
         out_of_order=0,
         late=0,
         duplicates=len(dup_ix),
         malformed=0,
+        lost=len(lost_ix),
     )
     seen: set[int] = set()
-    watermark = -(2**62)  # the stream's rule, simulated: late = window closed when the event arrives
+    # the stream's rule, simulated per partition: late = the window was closed when the record arrived
+    from aiokafka.partitioner import DefaultPartitioner
+
+    partitioner, parts = DefaultPartitioner(), list(range(cfg.partitions))
+    tenant_partition = {t: partitioner(f"tenant-{t:02d}".encode(), parts, parts) for t in range(cfg.tenants)}
+    watermarks = dict.fromkeys(parts, -(2**62))
     cycle = 0
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "wb") as fh:
-        for _, i, rec in records:
+        for _, i in arrivals:
+            if i in lost_ix:
+                continue
+            rec = events[i]
             first_copy = i not in seen
             seen.add(i)
-            if i in mal_ix and first_copy:
+            manifest.records += 1
+            if i in mal_ix:
                 reason, corrupt = MALFORMED[cycle % len(MALFORMED)]
                 cycle += 1
-                line = corrupt(rec)
+                fh.write(corrupt(rec) + b"\n")
                 manifest.malformed += 1
                 manifest.malformed_by_reason[reason] = manifest.malformed_by_reason.get(reason, 0) + 1
+                continue
+            manifest.valid_events += 1
+            t = int(times[i])
+            p = tenant_partition[int(tenant_ix[i])]
+            watermark = watermarks[p]
+            if watermark - cfg.lateness_ms >= t - t % cfg.window_ms + cfg.window_ms:
+                manifest.late += 1
+                manifest.late_event_ids.append(rec["event_id"])
+            elif first_copy and t < watermark:
+                manifest.out_of_order += 1
+            watermarks[p] = max(watermark, t)
+            if first_copy:
+                manifest.distinct_events += 1
             else:
-                line = orjson.dumps(rec)
-                manifest.valid_events += 1
-                t = int(times[i])
-                is_late = watermark - cfg.lateness_ms >= t - t % cfg.window_ms + cfg.window_ms
-                watermark = max(watermark, t)
-                if first_copy:
-                    manifest.distinct_events += 1
-                    if is_late:
-                        manifest.late += 1
-                        manifest.late_event_ids.append(rec["event_id"])
-                    elif t < watermark:
-                        manifest.out_of_order += 1
-                else:
-                    manifest.duplicate_event_ids.append(rec["event_id"])
-            fh.write(line + b"\n")
+                manifest.duplicate_event_ids.append(rec["event_id"])
+            fh.write(orjson.dumps(rec) + b"\n")
+    if archive is not None:
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        with open(archive, "wb") as fh:
+            for i in range(n):
+                if i not in mal_ix:
+                    fh.write(orjson.dumps(events[i]) + b"\n")
+        manifest.archive = str(archive)
     manifest_path(out).write_text(json.dumps(asdict(manifest), indent=1))
     return manifest
 

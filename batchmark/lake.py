@@ -3,13 +3,15 @@
 Layout under ``<lake>/events/``::
 
     date=2026-11-24/part-3f9a1c2e-p0-000000000000-000000012345.parquet   (epoch, partition 0, offsets)
-    _watermarks/p0.json                                          ({"watermark_ms": ..., "next_offset": ...})
+    _watermarks/events-p0.json                      (per topic and partition: {"watermark_ms", "next_offset"})
 
 Files are written to a hidden temporary name and renamed into place, so a reader never sees half a file
-(Spark ignores names starting with '.' or '_'). The epoch names one life of a topic partition: a broker
-that lost its topics (the embedded one keeps them in memory) starts offsets at 0 again under a new epoch, so
-(epoch, partition, offset) always identifies one record. A day is complete when every partition's watermark has
-passed the day's end plus the largest allowed lateness: the stream has then landed and closed all of it.
+(Spark ignores names starting with '.' or '_'). The epoch names one life of a topic partition: a broker that
+lost its topics (the embedded one keeps them in memory) starts offsets at 0 again under a new epoch, so
+(epoch, partition, offset) always identifies one record. ``_watermark_ms`` is the partition's watermark when
+the record arrived: with it the batch knows exactly which records each metric's stream counted late.
+A day is complete when every partition's watermark has passed the day's end plus the largest allowed
+lateness: the stream has then landed and closed all of it.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def arrow_schema(ds: Dataset) -> pa.Schema:
     return pa.schema(
         [("event_id", pa.string()), ("event_time_ms", pa.int64())]
         + [(f.name, _ARROW_TYPES[f.type]) for f in ds.fields]
-        + [("_epoch", pa.string()), ("_partition", pa.int32()), ("_offset", pa.int64())]
+        + [("_epoch", pa.string()), ("_partition", pa.int32()), ("_offset", pa.int64()), ("_watermark_ms", pa.int64())]
     )
 
 
@@ -58,11 +60,12 @@ class LakeWriter:
         self.partition = partition
         self.epoch = epoch
         self.schema = arrow_schema(ds)
-        self._rows: dict[date, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
+        self._rows: dict[date, list[tuple[int, int, dict[str, Any]]]] = defaultdict(list)
         self.pending = 0
 
-    def add(self, event: dict[str, Any], offset: int) -> None:
-        self._rows[day_of(event["event_time_ms"])].append((offset, event))
+    def add(self, event: dict[str, Any], offset: int, watermark_ms: int) -> None:
+        """Buffer a clean event with where it came from and the partition's watermark when it arrived."""
+        self._rows[day_of(event["event_time_ms"])].append((offset, watermark_ms, event))
         self.pending += 1
 
     def flush(self) -> list[Path]:
@@ -70,12 +73,13 @@ class LakeWriter:
         written = []
         for day, rows in self._rows.items():
             cols: dict[str, list[Any]] = {name: [] for name in self.schema.names}
-            for offset, ev in rows:
-                for name in self.schema.names[:-3]:
+            for offset, watermark, ev in rows:
+                for name in self.schema.names[:-4]:
                     cols[name].append(ev[name])
                 cols["_epoch"].append(self.epoch)
                 cols["_partition"].append(self.partition)
                 cols["_offset"].append(offset)
+                cols["_watermark_ms"].append(watermark)
             table = pa.Table.from_pydict(cols, schema=self.schema)
             target_dir = day_dir(self.root, day)
             target_dir.mkdir(parents=True, exist_ok=True)
@@ -90,25 +94,25 @@ class LakeWriter:
         return written
 
 
-def write_watermark(root: Path, partition: int, watermark_ms: int, next_offset: int) -> None:
+def write_watermark(root: Path, topic: str, partition: int, watermark_ms: int, next_offset: int) -> None:
     """Record how far a partition's stream has landed and closed (after its results are committed)."""
     wm_dir = root / "_watermarks"
     wm_dir.mkdir(parents=True, exist_ok=True)
     payload = json.dumps({"watermark_ms": watermark_ms, "next_offset": next_offset}).encode()
-    _atomic_write_bytes(wm_dir / f"p{partition}.json", payload)
+    _atomic_write_bytes(wm_dir / f"{topic}-p{partition}.json", payload)
 
 
-def read_watermarks(root: Path) -> dict[int, int]:
-    """{partition: watermark_ms} of every partition that has written one."""
+def read_watermarks(root: Path, topic: str) -> dict[int, int]:
+    """{partition: watermark_ms} of every partition of a topic that has written one."""
     out = {}
-    for path in (root / "_watermarks").glob("p*.json"):
-        out[int(path.stem[1:])] = json.loads(path.read_text())["watermark_ms"]
+    for path in (root / "_watermarks").glob(f"{topic}-p*.json"):
+        out[int(path.stem.rpartition("-p")[2])] = json.loads(path.read_text())["watermark_ms"]
     return out
 
 
-def day_completeness(root: Path, day: date, partitions: int, lateness_ms: int) -> tuple[bool, str]:
+def day_completeness(root: Path, topic: str, day: date, partitions: int, lateness_ms: int) -> tuple[bool, str]:
     """Whether the stream has landed all of a day, and a sentence saying why not."""
-    marks = read_watermarks(root)
+    marks = read_watermarks(root, topic)
     _, end = day_bounds_ms(day)
     missing = [p for p in range(partitions) if p not in marks]
     if missing:

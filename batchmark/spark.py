@@ -41,6 +41,16 @@ def check_java() -> None:
         )
 
 
+def error_excerpt(output: str | None, limit: int = 40) -> str:
+    """The part of a spark-submit's output that explains a failure: the Python traceback, else the error lines."""
+    lines = (output or "").splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("Traceback (most recent call last)"):
+            return "\n".join(lines[i : i + limit])
+    errors = [ln for ln in lines if (" ERROR " in ln or "Exception" in ln or "Error" in ln) and " INFO " not in ln]
+    return "\n".join((errors or lines)[-limit:])
+
+
 def submit(settings: Settings, day: date, run_id: str, timeout_s: float = 1800) -> dict[str, object]:
     """Run batch/recompute.py for one day with spark-submit; returns the job's result summary."""
     check_java()
@@ -68,6 +78,8 @@ def submit(settings: Settings, day: date, run_id: str, timeout_s: float = 1800) 
             "spark.ui.enabled=false",
         ]
     cmd += [str(JOB), "--date", day.isoformat(), "--run-id", run_id]
+    if settings.archive_file(day).exists():  # truth from the system of record: lost events become visible
+        cmd += ["--archive", str(settings.archive_file(day))]
     env = {
         **os.environ,
         "PYSPARK_PYTHON": sys.executable,
@@ -85,6 +97,8 @@ def submit(settings: Settings, day: date, run_id: str, timeout_s: float = 1800) 
         if line.startswith(RESULT_PREFIX):
             result = json.loads(line[len(RESULT_PREFIX) :])
     if proc.returncode != 0 or result is None:
-        tail = "\n".join((proc.stderr or "").splitlines()[-25:])
-        raise BatchmarkError(f"spark recompute for {day} failed (exit {proc.returncode}):\n{tail}")
+        raise BatchmarkError(
+            f"spark recompute for {day} failed (exit {proc.returncode}):\n"
+            + error_excerpt(f"{proc.stdout}\n{proc.stderr}")  # Spark 4 prints the driver's traceback to stdout
+        )
     return result

@@ -66,6 +66,31 @@ CREATE TABLE IF NOT EXISTS quality.metrics (
     kind       text NOT NULL,
     tolerance  double precision NOT NULL
 );
+ALTER TABLE quality.metrics ADD COLUMN IF NOT EXISTS mostly double precision NOT NULL DEFAULT 1.0;
+ALTER TABLE stream.results ADD COLUMN IF NOT EXISTS detail jsonb;
+ALTER TABLE truth.results ADD COLUMN IF NOT EXISTS detail jsonb;
+
+-- Per batch-truth window: the kind's accuracy measure and where the stream's difference comes from.
+-- Written by the Spark job with the day's truth (same transaction): only it has the raw events.
+-- stream - truth = lost_effect + dup_effect + late_effect + sketch_effect (each a difference of values).
+CREATE TABLE IF NOT EXISTS quality.window_accuracy (
+    metric         text             NOT NULL,
+    group_key      text             NOT NULL,
+    window_start   timestamptz      NOT NULL,
+    day            date             NOT NULL,
+    stream_value   double precision,
+    error          double precision,
+    n_lost         bigint           NOT NULL,
+    n_dup          bigint           NOT NULL,
+    n_late         bigint           NOT NULL,
+    lost_effect    double precision,
+    dup_effect     double precision,
+    late_effect    double precision,
+    sketch_effect  double precision,
+    detail         jsonb,
+    PRIMARY KEY (metric, group_key, window_start)
+);
+CREATE INDEX IF NOT EXISTS window_accuracy_day ON quality.window_accuracy (day, metric);
 
 CREATE TABLE IF NOT EXISTS quality.accuracy_history (
     id          bigserial PRIMARY KEY,
@@ -76,29 +101,54 @@ CREATE TABLE IF NOT EXISTS quality.accuracy_history (
     windows     bigint      NOT NULL,
     missing     bigint      NOT NULL,
     over_tolerance bigint   NOT NULL,
-    max_rel_error  double precision,
-    mean_rel_error double precision,
+    max_error   double precision,
+    mean_error  double precision,
     tolerance   double precision NOT NULL,
     report_url  text,
     created_at  timestamptz NOT NULL DEFAULT now()
 );
+ALTER TABLE quality.accuracy_history ADD COLUMN IF NOT EXISTS kind text NOT NULL DEFAULT '';
+ALTER TABLE quality.accuracy_history ADD COLUMN IF NOT EXISTS late_events bigint NOT NULL DEFAULT 0;
+ALTER TABLE quality.accuracy_history ADD COLUMN IF NOT EXISTS duplicate_events bigint NOT NULL DEFAULT 0;
+ALTER TABLE quality.accuracy_history ADD COLUMN IF NOT EXISTS lost_events bigint NOT NULL DEFAULT 0;
 CREATE INDEX IF NOT EXISTS accuracy_history_day ON quality.accuracy_history (day, metric);
 
--- One row per batch-truth window, with the stream's value beside it (NULL when the stream has no row).
-CREATE OR REPLACE VIEW quality.comparison AS
+-- One row per batch-truth window, with the stream's value beside it (NULL when the stream has no row) and
+-- the kind's accuracy error. Where the error needs the raw events (quantile rank error, top-k recall) it
+-- comes from window_accuracy, and only while the stream value is the one it was computed for.
+DROP VIEW IF EXISTS quality.comparison;
+CREATE VIEW quality.comparison AS
 SELECT t.day, t.metric, t.group_key, t.window_start,
        t.value AS batch_value, s.value AS stream_value,
        t.n_events AS batch_events, s.n_events AS stream_events,
-       q.tolerance,
+       q.kind, q.tolerance, q.mostly,
        CASE
          WHEN s.value IS NULL THEN NULL
+         WHEN q.kind IN ('quantile', 'topk') THEN
+           CASE WHEN a.stream_value IS NOT DISTINCT FROM s.value THEN a.error
+                ELSE 'Infinity'::double precision END
+         WHEN q.kind = 'binpack' THEN
+           CASE WHEN t.value = 0 THEN 'Infinity'::double precision ELSE s.value / t.value END
          WHEN s.value = t.value THEN 0.0
          WHEN t.value = 0 THEN 'Infinity'::double precision
          ELSE abs(s.value - t.value) / abs(t.value)
-       END AS rel_error
+       END AS error,
+       a.n_lost, a.n_dup, a.n_late, a.lost_effect, a.dup_effect, a.late_effect, a.sketch_effect
 FROM truth.results t
 LEFT JOIN stream.results s USING (metric, group_key, window_start)
-LEFT JOIN quality.metrics q USING (metric);
+LEFT JOIN quality.metrics q USING (metric)
+LEFT JOIN quality.window_accuracy a USING (metric, group_key, window_start);
+"""
+
+
+UPGRADE_SQL = """
+DO $$ BEGIN
+  IF EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = 'quality'
+             AND table_name = 'accuracy_history' AND column_name = 'max_rel_error') THEN
+    ALTER TABLE quality.accuracy_history RENAME COLUMN max_rel_error TO max_error;
+    ALTER TABLE quality.accuracy_history RENAME COLUMN mean_rel_error TO mean_error;
+  END IF;
+END $$;
 """
 
 
@@ -154,14 +204,28 @@ def init_schema(url: str) -> None:
     """Create the tables and views (idempotent)."""
     with transaction(url) as cur:
         cur.execute("SELECT pg_advisory_xact_lock(4242)")  # two processes may init at once
+        cur.execute(UPGRADE_SQL)
         cur.execute(SCHEMA_SQL)
         cur.execute(CHECKPOINT_SQL)
         cur.execute(FAILURES_SQL)
 
 
+def _json(detail: Any) -> psycopg2.extras.Json | None:
+    return None if detail is None else psycopg2.extras.Json(detail)
+
+
 def _row(r: Any) -> tuple[Any, ...]:
     start = ms_to_datetime(r.window_start_ms)
-    return (r.metric, r.group_key, start, ms_to_datetime(r.window_end_ms), start.date(), r.value, r.n_events)
+    return (
+        r.metric,
+        r.group_key,
+        start,
+        ms_to_datetime(r.window_end_ms),
+        start.date(),
+        r.value,
+        r.n_events,
+        _json(r.detail),
+    )
 
 
 def upsert_stream_results(cur: psycopg2.extensions.cursor, results: Sequence[Any]) -> int:
@@ -170,10 +234,11 @@ def upsert_stream_results(cur: psycopg2.extensions.cursor, results: Sequence[Any
         return 0
     psycopg2.extras.execute_values(
         cur,
-        """INSERT INTO stream.results (metric, group_key, window_start, window_end, day, value, n_events)
+        """INSERT INTO stream.results (metric, group_key, window_start, window_end, day, value, n_events, detail)
            VALUES %s
            ON CONFLICT (metric, group_key, window_start)
-           DO UPDATE SET value = EXCLUDED.value, n_events = EXCLUDED.n_events, updated_at = now()""",
+           DO UPDATE SET value = EXCLUDED.value, n_events = EXCLUDED.n_events, detail = EXCLUDED.detail,
+                         updated_at = now()""",
         [_row(r) for r in results],
         page_size=1000,
     )
@@ -192,18 +257,35 @@ def add_late_events(cur: psycopg2.extensions.cursor, late: Iterable[tuple[str, i
         )
 
 
-def replace_truth_day(url: str, day: date, metrics: Sequence[str], rows: Sequence[tuple[Any, ...]], run_id: str) -> int:
-    """Replace one day of batch truth for the given metrics, atomically.
+def replace_truth_day(
+    url: str,
+    day: date,
+    metrics: Sequence[str],
+    rows: Sequence[tuple[Any, ...]],
+    run_id: str,
+    accuracy: Sequence[tuple[Any, ...]] = (),
+) -> int:
+    """Replace one day of batch truth (and its per-window accuracy) for the given metrics, atomically.
 
-    rows: (metric, group_key, window_start_ms, window_end_ms, value, n_events).
+    rows: (metric, group_key, window_start_ms, window_end_ms, value, n_events, detail).
+    accuracy: (metric, group_key, window_start_ms, stream_value, error, n_lost, n_dup, n_late,
+               lost_effect, dup_effect, late_effect, sketch_effect, detail).
     """
     with transaction(url) as cur:
         cur.execute("DELETE FROM truth.results WHERE day = %s AND metric = ANY(%s)", (day, list(metrics)))
+        cur.execute("DELETE FROM quality.window_accuracy WHERE day = %s AND metric = ANY(%s)", (day, list(metrics)))
         psycopg2.extras.execute_values(
             cur,
-            """INSERT INTO truth.results (metric, group_key, window_start, window_end, day, value, n_events, run_id)
-               VALUES %s""",
-            [(m, g, ms_to_datetime(s), ms_to_datetime(e), day, v, n, run_id) for m, g, s, e, v, n in rows],
+            """INSERT INTO truth.results (metric, group_key, window_start, window_end, day, value, n_events,
+                                          detail, run_id) VALUES %s""",
+            [(m, g, ms_to_datetime(s), ms_to_datetime(e), day, v, n, _json(d), run_id) for m, g, s, e, v, n, d in rows],
+            page_size=5000,
+        )
+        psycopg2.extras.execute_values(
+            cur,
+            """INSERT INTO quality.window_accuracy (metric, group_key, window_start, day, stream_value, error,
+                   n_lost, n_dup, n_late, lost_effect, dup_effect, late_effect, sketch_effect, detail) VALUES %s""",
+            [(r[0], r[1], ms_to_datetime(r[2]), day, *r[3:12], _json(r[12])) for r in accuracy],
             page_size=5000,
         )
     return len(rows)

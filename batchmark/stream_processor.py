@@ -150,7 +150,7 @@ class StreamProcessor:
         if replaying:
             c.replayed += 1
         else:
-            rt.lake.add(event, offset)
+            rt.lake.add(event, offset, rt.state.watermark_ms)
         rt.state.add(event, offset, count_late=not replaying)
         return None
 
@@ -189,7 +189,7 @@ class StreamProcessor:
                 rt.state.forget(closed[p])
                 rt.state.clear_late()
                 rt.dirty = False
-                write_watermark(self.settings.events_lake, p, wm, nxt)
+                write_watermark(self.settings.events_lake, self.topic, p, wm, nxt)
             self.counters.windows_written += len(results)
             self.counters.checkpoints += 1
         self._last_checkpoint = time.monotonic()

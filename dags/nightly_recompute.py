@@ -96,7 +96,7 @@ with DAG(
         settings = config.load()
         defs = load_definitions(settings.definitions_path)
         lateness = max(m.allowed_lateness_ms for m in defs.metrics)
-        done, why = day_completeness(settings.events_lake, _day(), settings.partitions, lateness)
+        done, why = day_completeness(settings.events_lake, settings.events_topic, _day(), settings.partitions, lateness)
         print(why)
         return PokeReturnValue(is_done=done)
 

@@ -13,9 +13,19 @@ from batchmark.errors import ConfigError
 DEFAULT = REPO_ROOT / "batchmark" / "metrics.toml"
 
 
-def test_default_definitions_load() -> None:
+def test_default_definitions_cover_every_kind_with_theoretical_tolerances() -> None:
+    import math
+
+    from batchmark.aggregates import AGGREGATES
+
     defs = load_definitions(DEFAULT)
-    assert [m.name for m in defs.metrics] == ["jobs", "cpu_seconds"]
+    assert {m.kind for m in defs.metrics} == set(AGGREGATES)
+    by_name = {m.name: m for m in defs.metrics}
+    assert by_name["distinct_users"].tolerance == pytest.approx(3 * 1.04 / math.sqrt(2**12))
+    assert by_name["node_packing"].tolerance == 1.7
+    assert 0.005 < by_name["duration_p95"].tolerance < 0.02  # KLL k=200: about 1.3%
+    assert by_name["jobs"].tolerance == 0.0 and by_name["jobs"].mostly == 1.0
+    assert by_name["distinct_users"].mostly == 0.99
     cpu = defs.metric("cpu_seconds")
     assert cpu.value_fn({"cpu": 2.0, "duration_s": 30.0}) == 60.0
     assert cpu.value_sql == "`cpu` * `duration_s`"
@@ -52,6 +62,12 @@ def _write(tmp_path: Path, metric: str) -> Path:
         ('name = "x"\nkind = "count"\ngroup_by = ["user"]\n', "partition key"),
         ('name = "x"\nkind = "count"\ngroup_by = ["nope"]\n', "not a dataset field"),
         ('name = "X Y"\nkind = "count"\n', "lower_snake_case"),
+        ('name = "x"\nkind = "quantile"\nvalue = "cpu"\ngroup_by = ["tenant"]\n', "needs 'q'"),
+        ('name = "x"\nkind = "quantile"\nvalue = "cpu"\nq = 1.5\ngroup_by = ["tenant"]\n', "between 0 and 1"),
+        ('name = "x"\nkind = "distinct"\ngroup_by = ["tenant"]\n', "needs 'field'"),
+        ('name = "x"\nkind = "distinct"\nfield = "user"\nlg_k = 30\ngroup_by = ["tenant"]\n', "lg_k"),
+        ('name = "x"\nkind = "binpack"\nvalue = "mem_gb"\ngroup_by = ["tenant"]\n', "needs 'capacity'"),
+        ('name = "x"\nkind = "count"\ngroup_by = ["tenant"]\nmostly = 0\n', "mostly"),
     ],
 )
 def test_bad_metric_is_refused_with_a_reason(tmp_path: Path, metric: str, message: str) -> None:
@@ -60,5 +76,5 @@ def test_bad_metric_is_refused_with_a_reason(tmp_path: Path, metric: str, messag
 
 
 def test_unknown_metric_lists_the_known_ones() -> None:
-    with pytest.raises(ConfigError, match="jobs, cpu_seconds"):
+    with pytest.raises(ConfigError, match="jobs, cpu_seconds, mem_gb_mean"):
         load_definitions(DEFAULT).metric("nope")

@@ -31,7 +31,7 @@ def database() -> str:
 
 @pytest.fixture
 def defs() -> Definitions:
-    return load_definitions(config.REPO_ROOT / "batchmark" / "metrics.toml")
+    return load_definitions(Path(__file__).parent / "data" / "exact_metrics.toml")
 
 
 @pytest.fixture
@@ -40,7 +40,9 @@ def settings(database: str, tmp_path: Path) -> config.Settings:
     gx_root = tmp_path / "expectations"
     shutil.copytree(config.REPO_ROOT / "expectations", gx_root, ignore=shutil.ignore_patterns("uncommitted"))
     with storage.transaction(database) as cur:
-        cur.execute("TRUNCATE stream.results, truth.results, quality.metrics, quality.accuracy_history")
+        cur.execute(
+            "TRUNCATE stream.results, truth.results, quality.metrics, quality.accuracy_history, quality.window_accuracy"
+        )
     return dataclasses.replace(config.load(), database_url=database, gx_root=gx_root)
 
 
@@ -62,7 +64,7 @@ def _windows(defs: Definitions) -> list[WindowResult]:
 def same_day(settings: config.Settings, defs: Definitions) -> list[WindowResult]:
     """Batch truth and stream results of DAY that agree exactly."""
     results = _windows(defs)
-    rows = [(r.metric, r.group_key, r.window_start_ms, r.window_end_ms, r.value, r.n_events) for r in results]
+    rows = [(r.metric, r.group_key, r.window_start_ms, r.window_end_ms, r.value, r.n_events, None) for r in results]
     storage.replace_truth_day(settings.database_url, DAY, [m.name for m in defs.metrics], rows, "truth-run")
     with storage.transaction(settings.database_url) as cur:
         storage.upsert_stream_results(cur, results)
@@ -78,7 +80,7 @@ def _execute(settings: config.Settings, sql: str) -> int:
 def _history(settings: config.Settings, run_id: str) -> dict[str, tuple]:
     with storage.transaction(settings.database_url) as cur:
         cur.execute(
-            """SELECT metric, day, success, windows, missing, over_tolerance, max_rel_error, tolerance, report_url
+            """SELECT metric, day, success, windows, missing, over_tolerance, max_error, tolerance, report_url
                FROM quality.accuracy_history WHERE run_id = %s""",
             (run_id,),
         )
@@ -106,10 +108,10 @@ def test_identical_stream_and_truth_pass(settings, defs, same_day):
     assert [m.metric for m in report.metrics] == ["jobs", "cpu_seconds"]
     for m in report.metrics:
         assert (m.success, m.windows, m.missing, m.over_tolerance) == (True, WINDOWS_PER_METRIC, 0, 0)
-        assert m.max_rel_error == 0.0 and m.mean_rel_error == 0.0 and m.tolerance == 0.0
+        assert m.max_error == 0.0 and m.mean_error == 0.0 and m.tolerance == 0.0
     assert report.summary_line() == (
-        f"2026-11-24 PASS: jobs {WINDOWS_PER_METRIC}/{WINDOWS_PER_METRIC} windows, max rel err 0 (tol 0); "
-        f"cpu_seconds {WINDOWS_PER_METRIC}/{WINDOWS_PER_METRIC} windows, max rel err 0 (tol 0)"
+        f"2026-11-24 PASS: jobs {WINDOWS_PER_METRIC}/{WINDOWS_PER_METRIC} windows, max err 0 (tol 0); "
+        f"cpu_seconds {WINDOWS_PER_METRIC}/{WINDOWS_PER_METRIC} windows, max err 0 (tol 0)"
     )
     assert report.docs_index == settings.gx_root / "uncommitted" / "data_docs" / "local_site" / "index.html"
     assert report.docs_index.is_file()
@@ -160,11 +162,11 @@ def test_altered_stream_value_fails_only_that_metric(settings, defs, same_day):
     assert report.success is False
     cpu, jobs = _by_metric(report)["cpu_seconds"], _by_metric(report)["jobs"]
     assert (cpu.success, cpu.windows, cpu.missing, cpu.over_tolerance) == (False, WINDOWS_PER_METRIC, 0, 1)
-    assert cpu.max_rel_error == pytest.approx(0.5)
-    assert cpu.mean_rel_error == pytest.approx(0.5 / WINDOWS_PER_METRIC)
-    assert (jobs.success, jobs.missing, jobs.over_tolerance, jobs.max_rel_error) == (True, 0, 0, 0.0)
+    assert cpu.max_error == pytest.approx(0.5)
+    assert cpu.mean_error == pytest.approx(0.5 / WINDOWS_PER_METRIC)
+    assert (jobs.success, jobs.missing, jobs.over_tolerance, jobs.max_error) == (True, 0, 0, 0.0)
     assert report.summary_line().startswith("2026-11-24 FAIL: jobs ")
-    assert "max rel err 0.5 (tol 0), 1 over tol" in report.summary_line()
+    assert "max err 0.5 (tol 0), 1 over tol" in report.summary_line()
 
     history = _history(settings, "run-altered")
     assert history["cpu_seconds"][1:5] == (False, WINDOWS_PER_METRIC, 0, 1)
@@ -175,7 +177,7 @@ def test_altered_stream_value_fails_only_that_metric(settings, defs, same_day):
     stored = json.loads(results[0].read_text())
     between = next(r for r in stored["results"] if r["expectation_config"]["type"].endswith("_between"))
     assert between["result"]["partial_unexpected_index_list"] == [
-        {"group_key": "globex", "window_start": "2026-11-24T10:00:00+00:00", "rel_error": 0.5}
+        {"group_key": "globex", "window_start": "2026-11-24T10:00:00+00:00", "error": 0.5}
     ]
 
 
@@ -192,7 +194,7 @@ def test_deleted_stream_row_is_missing(settings, defs, same_day):
     assert report.success is False
     jobs, cpu = _by_metric(report)["jobs"], _by_metric(report)["cpu_seconds"]
     assert (jobs.success, jobs.windows, jobs.missing, jobs.over_tolerance) == (False, WINDOWS_PER_METRIC, 1, 0)
-    assert jobs.max_rel_error == 0.0  # the missing window has no relative error
+    assert jobs.max_error == 0.0  # the missing window has no relative error
     assert (cpu.success, cpu.missing, cpu.over_tolerance) == (True, 0, 0)
     assert f"jobs {WINDOWS_PER_METRIC - 1}/{WINDOWS_PER_METRIC} windows" in report.summary_line()
     assert _history(settings, "run-missing")["jobs"][1:5] == (False, WINDOWS_PER_METRIC, 1, 0)
@@ -215,7 +217,7 @@ def test_tolerance_follows_the_definitions(settings, defs, same_day):
     cpu = _by_metric(report)["cpu_seconds"]
     assert report.success is True
     assert (cpu.success, cpu.over_tolerance, cpu.tolerance) == (True, 0, 0.02)
-    assert cpu.max_rel_error == pytest.approx(0.01)
+    assert cpu.max_error == pytest.approx(0.01)
     suite = json.loads((settings.gx_root / "expectations" / "accuracy_cpu_seconds.json").read_text())
     between = next(e for e in suite["expectations"] if e["type"] == "expect_column_values_to_be_between")
     assert between["kwargs"]["max_value"] == 0.02

@@ -1,0 +1,44 @@
+"""Shared fixture of the integration tests: a generated day streamed through the real broker and Faust worker."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from datetime import date
+from pathlib import Path
+
+from batchmark import config
+from batchmark.broker import create_topics
+from batchmark.definitions import load_definitions
+from batchmark.demo import start_worker, stop, wait_for_day, wait_until_ready
+from batchmark.generator import GeneratorConfig, Manifest, generate
+from batchmark.replay import replay
+
+
+@contextmanager
+def streamed_day(topic: str, day: date, home: Path, **gen: object):  # noqa: ANN201
+    """Generate `day` (with its archive), stream it on its own topics, yield (settings, defs, manifest, worker)."""
+    saved = {k: os.environ.get(k) for k in ("BATCHMARK_EVENTS_TOPIC", "BATCHMARK_DLQ_TOPIC")}
+    os.environ["BATCHMARK_EVENTS_TOPIC"], os.environ["BATCHMARK_DLQ_TOPIC"] = topic, f"{topic}.dlq"
+    settings = config.load()
+    defs = load_definitions(settings.definitions_path)
+    create_topics(settings.bootstrap_servers, {settings.events_topic: settings.partitions, settings.dlq_topic: 1})
+    data = home / f"{topic}-{day}.jsonl"
+    manifest: Manifest = generate(
+        GeneratorConfig(day=day, partitions=settings.partitions, **gen), data, archive=settings.archive_file(day)
+    )
+    log = home / f"worker-{topic}.log"
+    worker = start_worker(settings, log)
+    try:
+        wait_until_ready(worker, log)
+        replay(data, settings.bootstrap_servers, settings.events_topic, defs, progress=False)
+        lateness = max(m.allowed_lateness_ms for m in defs.metrics)
+        wait_for_day(settings, day, lateness, worker, log, timeout_s=240)
+        yield settings, defs, manifest, worker
+    finally:
+        stop(worker)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

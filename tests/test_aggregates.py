@@ -1,0 +1,154 @@
+"""Per kind: the stream's online form against the batch's offline form, on data with known properties.
+
+These run the same core functions the Faust worker and the Spark job run, without the engines around them.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+from itertools import permutations
+
+import datasketches as ds
+import numpy as np
+import pytest
+
+from batchmark.aggregates import BinPacking, DistinctCount, Quantile, TopK, first_fit, rank_error
+
+
+def _online(agg, values):  # noqa: ANN001, ANN202
+    state = agg.new()
+    for v in values:
+        state = agg.add(state, v)
+    return agg.result(state), state
+
+
+def test_hll_relative_error_over_100_windows_is_within_3_sigma() -> None:
+    agg = DistinctCount({"lg_k": 8})  # m = 256: sigma = 1.04 / 16 = 6.5%
+    sigma = 1.04 / math.sqrt(2**8)
+    errors = []
+    for w in range(120):
+        n = 3000 + 37 * w
+        values = [f"user-{w}-{i}" for i in range(n)] * 2  # every user twice: distinct count n
+        (estimate, _), _ = _online(agg, values)
+        assert agg.exact(values)[0] == n
+        errors.append((estimate - n) / n)
+    assert max(abs(e) for e in errors) <= 3 * sigma == agg.bound()
+    rms = math.sqrt(statistics.fmean(e * e for e in errors))
+    assert 0.4 * sigma < rms < 1.5 * sigma  # the sketch behaves as theory says, neither worse nor suspiciously exact
+
+
+def test_kll_rank_error_within_its_normalized_bound() -> None:
+    rng = np.random.default_rng(5)
+    checks = within = 0
+    for _ in range(100):
+        data = rng.lognormal(4.0, 1.2, size=5000).round().tolist()
+        truth = sorted(data)
+        for q in (0.5, 0.95, 0.99):
+            agg = Quantile({"q": q, "k": 200})
+            (estimate, _), _ = _online(agg, data)
+            err = agg.error(estimate, None, data)
+            assert err == rank_error(estimate, truth, q)
+            checks += 1
+            within += err <= agg.bound()
+    assert within / checks >= 0.97  # 99% confidence per query; 300 queries
+
+
+def test_quantile_of_small_windows_is_exact() -> None:
+    data = [5.0, 1.0, 3.0, 2.0, 4.0]
+    for q, expected in ((0.5, 3.0), (0.95, 5.0), (0.2, 1.0)):
+        agg = Quantile({"q": q})
+        assert agg.exact(data)[0] == expected
+        assert _online(agg, data)[0][0] == expected  # KLL keeps every item while n <= k
+
+
+def test_topk_recall_is_1_on_a_strongly_skewed_stream() -> None:
+    rng = np.random.default_rng(3)
+    agg = TopK({"k": 5, "lg_max_map_size": 7})
+    for _ in range(20):
+        ranks = rng.zipf(1.6, size=50_000)
+        values = [f"user-{r}" for r in ranks if r < 100_000]
+        (value, detail), _ = _online(agg, values)
+        figures = agg.recall(detail, values)
+        assert figures["recall"] == 1.0
+        assert agg.error(value, detail, values) == 0.0
+        assert figures["count_error"] < 0.05
+
+
+def test_topk_guaranteed_miss_rate_stays_zero_on_flat_data() -> None:
+    """With little skew recall@k can drop, but never for the items theory guarantees to be found."""
+    rng = random.Random(4)
+    agg = TopK({"k": 5, "lg_max_map_size": 4})
+    for _ in range(20):
+        values = [f"u{rng.randint(0, 300)}" for _ in range(20_000)] + ["hot"] * 3000
+        (value, detail), _ = _online(agg, values)
+        assert agg.error(value, detail, values) == 0.0
+        assert "hot" in {item for item, _ in detail["items"]}
+
+
+def test_first_fit_online_within_1_7_of_ffd_and_above_the_lower_bound() -> None:
+    rng = random.Random(9)
+    agg = BinPacking({"capacity": 128.0})
+    ratios = []
+    for _ in range(300):
+        items = [rng.choice([0.5, 1, 2, 4, 8, 16, 32, 64, 96]) * 1.0 for _ in range(rng.randint(5, 400))]
+        (ff, _), _ = _online(agg, items)
+        ffd, detail = agg.exact(items)
+        assert ff >= detail["lower_bound"] and ffd >= detail["lower_bound"]
+        assert agg.error(ff, None, items) == ff / ffd <= 1.7
+        ratios.append(ff / ffd)
+    assert max(ratios) > 1.0  # online does pay for not seeing the future on some windows
+
+
+def _optimum(items: list[float], capacity: float) -> int:
+    """Fewest bins, by exhaustive search (small instances only)."""
+    best = len(items)
+    for order in permutations(sorted(items, reverse=True)):
+        best = min(best, first_fit(order, capacity))  # some order makes First Fit optimal
+    return best
+
+
+def test_ffd_is_optimal_where_theory_says_it_must_be() -> None:
+    rng = random.Random(2)
+    for _ in range(200):
+        # every item above a third of the bin: at most two per bin, and FFD is optimal
+        items = [float(rng.randint(34, 100)) for _ in range(rng.randint(2, 7))]
+        assert first_fit(sorted(items, reverse=True), 100.0) == _optimum(items, 100.0)
+        # everything fits in one bin
+        small = [float(rng.randint(1, 14)) for _ in range(rng.randint(1, 7))]
+        assert first_fit(sorted(small, reverse=True), 100.0) == 1 == _optimum(small, 100.0)
+
+
+def test_ffd_respects_11_9_opt_plus_6_9() -> None:
+    rng = random.Random(8)
+    for _ in range(200):
+        items = [float(rng.randint(1, 100)) for _ in range(rng.randint(2, 7))]
+        assert first_fit(sorted(items, reverse=True), 100.0) <= 11 / 9 * _optimum(items, 100.0) + 6 / 9
+
+
+def test_an_item_larger_than_a_bin_takes_bins_of_its_own() -> None:
+    agg = BinPacking({"capacity": 10.0})
+    (ff, _), state = _online(agg, [25.0, 3.0])
+    assert ff == 3 and agg.exact([25.0, 3.0])[0] == 3
+
+
+@pytest.mark.parametrize(
+    ("agg", "cap"),
+    [
+        # HLL: at most its full register array, whatever the number of distinct keys
+        (DistinctCount({"lg_k": 12}), ds.hll_sketch.get_max_updatable_serialization_bytes(12, ds.tgt_hll_type.HLL_8)),
+        # frequent items: at most 0.75 * 2^lg_max_map_size active items (here about 20 bytes each, with counters)
+        (TopK({"k": 5, "lg_max_map_size": 7}), int(0.75 * 2**7) * 40),
+    ],
+)
+def test_sketch_memory_does_not_grow_with_distinct_keys(agg, cap: int) -> None:  # noqa: ANN001
+    sizes = [agg.state_bytes(_online(agg, (f"user-{i}" for i in range(n)))[1]) for n in (1_000, 100_000, 1_000_000)]
+    assert max(sizes) <= cap
+    assert sizes[2] <= 2 * sizes[1] + 64  # 10x the keys, not 10x the memory
+
+
+def test_kll_memory_grows_only_logarithmically() -> None:
+    agg = Quantile({"q": 0.5, "k": 200})
+    sizes = [agg.state_bytes(_online(agg, (float(i) for i in range(n)))[1]) for n in (10_000, 1_000_000)]
+    assert sizes[1] < sizes[0] * 2.5  # 100x the items, not 100x the memory
