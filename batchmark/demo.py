@@ -197,7 +197,7 @@ def latest_accuracy(url: str, day: date) -> dict[str, object]:
         return {"line": f"no validation recorded for {day}", "report": "-", "success": False, "windows": 0}
     ok = all(r[1] for r in rows)
     parts = [
-        f"{m} {w - miss - over}/{w} windows ok, max rel err {mx if mx is not None else '-'}"
+        f"{m} {w - miss - over}/{w} windows ok, max err " + ("-" if mx is None else f"{mx:.3g}")
         for m, _, w, miss, over, mx, _ in rows
     ]
     return {

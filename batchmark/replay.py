@@ -18,7 +18,7 @@ from pathlib import Path
 import orjson
 from tqdm import tqdm
 
-from batchmark.definitions import Definitions
+from batchmark.definitions import Dataset, Definitions
 from batchmark.events import parse_event_time
 from batchmark.windows import DAY_MS
 
@@ -30,8 +30,12 @@ def watermark_record(watermark_ms: int) -> bytes:
     return orjson.dumps({WATERMARK_KEY: watermark_ms})
 
 
-def read_records(path: Path) -> Iterator[bytes]:
-    """The records of a dataset file as JSON bytes, in file order."""
+def read_records(path: Path, ds: Dataset | None = None) -> Iterator[bytes]:
+    """The records of a dataset file as JSON bytes, in file order.
+
+    CSV cells are typed by the dataset's schema when one is given (a numeric-looking id stays a string);
+    without a schema, numbers are guessed.
+    """
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json", ".ndjson"):
         with open(path, "rb") as fh:
@@ -40,9 +44,10 @@ def read_records(path: Path) -> Iterator[bytes]:
                 if line:
                     yield line
     elif suffix == ".csv":
+        types = {f.name: f.type for f in ds.fields} | {ds.event_id: "string"} if ds else {}
         with open(path, newline="") as fh:
             for row in csv.DictReader(fh):
-                yield orjson.dumps({k: _csv_value(v) for k, v in row.items()})
+                yield orjson.dumps({k: _csv_value(v, types.get(k)) for k, v in row.items()})
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -55,14 +60,16 @@ def read_records(path: Path) -> Iterator[bytes]:
         raise ConfigError(f"cannot replay {path.name}: use a .jsonl, .csv or .parquet file")
 
 
-def _csv_value(v: str) -> object:
-    try:
-        return int(v)
-    except ValueError:
+def _csv_value(v: str, ftype: str | None = None) -> object:
+    """A CSV cell as the schema's type ('string', 'float', 'int'); unparseable cells stay text for validation."""
+    if ftype == "string":
+        return v
+    for cast in (int, float) if ftype != "float" else (float,):
         try:
-            return float(v)
+            return cast(v)
         except ValueError:
-            return v
+            continue
+    return v
 
 
 @dataclass
@@ -96,7 +103,7 @@ async def replay_async(
     bar = tqdm(desc=f"replay {path.name}", unit="ev", disable=not progress, mininterval=0.5)
     try:
         pending = []
-        for raw in read_records(path):
+        for raw in read_records(path, ds):
             key = ts = None
             try:
                 obj = orjson.loads(raw)
