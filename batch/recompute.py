@@ -54,7 +54,7 @@ def _metrics_fn(defs_path: str, names: list[str], stream: dict):
 
 
 def _archive_fn(defs_path: str, start_ms: int, end_ms: int):
-    """Decode and validate archive lines with the core's rules; keep the day's valid events."""
+    """Decode and validate archive lines with the core's rules: the day's valid events, and every rejection."""
 
     def parse(batches):
         import pandas as pd
@@ -65,11 +65,16 @@ def _archive_fn(defs_path: str, start_ms: int, end_ms: int):
         names = ["event_id", "event_time_ms", *d.dataset.field_names]
         for pdf in batches:
             rows = []
-            for line in pdf["value"]:
-                ev = validate(line.encode() if isinstance(line, str) else line, d.dataset)
-                if not isinstance(ev, Rejection) and start_ms <= ev["event_time_ms"] < end_ms:
-                    rows.append([ev[n] for n in names])
-            yield pd.DataFrame(rows, columns=names)
+            lines = (line.rstrip(b"\r") for content in pdf["content"] for line in bytes(content).split(b"\n"))
+            for line in lines:
+                if not line:
+                    continue
+                ev = validate(line, d.dataset)
+                if isinstance(ev, Rejection):
+                    rows.append([None] * len(names) + [ev.reason])
+                elif start_ms <= ev["event_time_ms"] < end_ms:
+                    rows.append([ev[n] for n in names] + [""])
+            yield pd.DataFrame(rows, columns=[*names, REJECT_COLUMN])
 
     return parse
 
@@ -134,13 +139,21 @@ def main(argv: list[str] | None = None) -> int:
         .drop(REJECT_COLUMN, "_epoch", "_partition", "_offset")
     )
     fields = ["event_id", "event_time_ms", *ds.field_names]
+    archive_rejected: dict[str, int] = {}
     if args.archive:
         start_ms, end_ms = day_bounds_ms(day)
-        archive = (
-            spark.read.text(args.archive)
-            .mapInPandas(_archive_fn(defs_path, start_ms, end_ms), ", ".join(columns))
-            .dropDuplicates(["event_id"])
+        parsed = (
+            spark.read.format("binaryFile")
+            .load(args.archive)  # raw bytes: invalid UTF-8 must reach validation
+            .select("content")
+            .mapInPandas(_archive_fn(defs_path, start_ms, end_ms), ", ".join(columns) + f", {REJECT_COLUMN} string")
+            .cache()
         )
+        archive_rejected = {
+            r[REJECT_COLUMN]: r["count"]
+            for r in parsed.where(F.col(REJECT_COLUMN) != "").groupBy(REJECT_COLUMN).count().collect()
+        }
+        archive = parsed.where(F.col(REJECT_COLUMN) == "").drop(REJECT_COLUMN).dropDuplicates(["event_id"])
         ids = archive.select("event_id").withColumn("_archived", F.lit(True))
         lake = (
             lake.join(ids, "event_id", "left")
@@ -197,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         "lake_records": n_records,
         "truth_events": n_truth,
         "rejected": rejected,
+        "archive_rejected": archive_rejected,
         "rows": len(truth),
         "archive": bool(args.archive),
         "spark_seconds": round(spark_s, 2),

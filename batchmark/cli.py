@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -154,7 +155,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from batchmark.windows import parse_day
 
     s = config.load()
-    report = validation.validate_day(s, load_definitions(s.definitions_path), parse_day(args.date))
+    defs = load_definitions(s.definitions_path)
+    if args.metric:  # an unknown name is refused with the list of known ones
+        defs = dataclasses.replace(defs, metrics=tuple(defs.metric(name) for name in args.metric))
+    report = validation.validate_day(s, defs, parse_day(args.date))
     print(report.summary_line())
     print(f"report: {report.docs_index}")
     return 0 if report.success else 1
@@ -213,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="GX: compare one day's stream results with the batch truth")
     p.add_argument("--date", required=True, help="YYYY-MM-DD")
+    p.add_argument("--metric", action="append", help="validate only this metric (repeatable; default: all)")
     p.set_defaults(fn=cmd_validate)
     return parser
 

@@ -94,7 +94,12 @@ async def replay_async(
 
     ds = defs.dataset
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=1 << 20, acks=1, request_timeout_ms=30000
+        bootstrap_servers=bootstrap,
+        linger_ms=5,
+        max_batch_size=1 << 20,
+        acks=1,
+        request_timeout_ms=30000,
+        max_request_size=8 << 20,  # oversized records must reach the worker, which dead-letters them
     )
     await producer.start()
     sent = 0

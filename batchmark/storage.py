@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 import psycopg2.extras
 from psycopg2 import sql
@@ -39,12 +40,16 @@ CREATE TABLE IF NOT EXISTS stream.results (
 );
 CREATE INDEX IF NOT EXISTS stream_results_day ON stream.results (day, metric);
 
+-- Late records per window and partition, counted within the partition's current epoch: a replay after a
+-- broker reset (a new epoch) replaces the count instead of adding to it.
 CREATE TABLE IF NOT EXISTS stream.late_events (
     metric        text        NOT NULL,
     window_start  timestamptz NOT NULL,
+    partition     integer     NOT NULL,
+    epoch         text        NOT NULL,
     day           date        NOT NULL,
     n_late        bigint      NOT NULL,
-    PRIMARY KEY (metric, window_start)
+    PRIMARY KEY (metric, window_start, partition)
 );
 
 CREATE TABLE IF NOT EXISTS truth.results (
@@ -148,6 +153,11 @@ DO $$ BEGIN
     ALTER TABLE quality.accuracy_history RENAME COLUMN max_rel_error TO max_error;
     ALTER TABLE quality.accuracy_history RENAME COLUMN mean_rel_error TO mean_error;
   END IF;
+  IF EXISTS (SELECT 1 FROM information_schema.tables WHERE table_schema = 'stream' AND table_name = 'late_events')
+     AND NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = 'stream'
+                     AND table_name = 'late_events' AND column_name = 'epoch') THEN
+    DROP TABLE stream.late_events;  -- the old layout; the counts come back with the next replay
+  END IF;
 END $$;
 """
 
@@ -201,13 +211,30 @@ def ensure_database(url: str) -> None:
 
 
 def init_schema(url: str) -> None:
-    """Create the tables and views (idempotent)."""
-    with transaction(url) as cur:
-        cur.execute("SELECT pg_advisory_xact_lock(4242)")  # two processes may init at once
-        cur.execute(UPGRADE_SQL)
-        cur.execute(SCHEMA_SQL)
-        cur.execute(CHECKPOINT_SQL)
-        cur.execute(FAILURES_SQL)
+    """Create the tables and views (idempotent).
+
+    A least-privilege role (see batchmark.access) may not run DDL: when the schema is already in place it
+    goes on without it; when it is not, it says who has to create it.
+    """
+    try:
+        with transaction(url) as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(4242)")  # two processes may init at once
+            cur.execute(UPGRADE_SQL)
+            cur.execute(SCHEMA_SQL)
+            cur.execute(CHECKPOINT_SQL)
+            cur.execute(FAILURES_SQL)
+    except psycopg2.errors.InsufficientPrivilege as exc:
+        with transaction(url) as cur:
+            cur.execute(
+                "SELECT to_regclass('stream.checkpoints') IS NOT NULL AND "
+                "to_regclass('quality.task_failures') IS NOT NULL"
+            )
+            ready = cur.fetchone()[0]
+        if not ready:
+            raise ServiceUnavailable(
+                f"the batchmark schema is not in {db_name(url)} and this role may not create it ({exc.pgerror}). "
+                "Run `batchmark init-db` with the database owner's DATABASE_URL first."
+            ) from None
 
 
 def _json(detail: Any) -> psycopg2.extras.Json | None:
@@ -245,14 +272,19 @@ def upsert_stream_results(cur: psycopg2.extensions.cursor, results: Sequence[Any
     return len(results)
 
 
-def add_late_events(cur: psycopg2.extensions.cursor, late: Iterable[tuple[str, int, int]]) -> None:
-    """Record (metric, window_start_ms, n) events that came after their window closed."""
-    rows = [(m, ms_to_datetime(s), ms_to_datetime(s).date(), n) for m, s, n in late]
+def add_late_events(
+    cur: psycopg2.extensions.cursor, partition: int, epoch: str, late: Iterable[tuple[str, int, int]]
+) -> None:
+    """Record (metric, window_start_ms, n) records of one partition that came after their window closed."""
+    rows = [(m, ms_to_datetime(s), partition, epoch, ms_to_datetime(s).date(), n) for m, s, n in late]
     if rows:
         psycopg2.extras.execute_values(
             cur,
-            """INSERT INTO stream.late_events (metric, window_start, day, n_late) VALUES %s
-               ON CONFLICT (metric, window_start) DO UPDATE SET n_late = stream.late_events.n_late + EXCLUDED.n_late""",
+            """INSERT INTO stream.late_events (metric, window_start, partition, epoch, day, n_late) VALUES %s
+               ON CONFLICT (metric, window_start, partition) DO UPDATE SET
+                 n_late = CASE WHEN stream.late_events.epoch = EXCLUDED.epoch
+                               THEN stream.late_events.n_late + EXCLUDED.n_late ELSE EXCLUDED.n_late END,
+                 epoch = EXCLUDED.epoch""",
             rows,
         )
 

@@ -28,10 +28,22 @@ from batchmark.engine import PartitionState, WindowResult
 from batchmark.events import Rejection, validate
 from batchmark.lake import LakeWriter, write_watermark
 from batchmark.replay import WATERMARK_KEY
+from batchmark.windows import ms_to_datetime
 
 log = logging.getLogger("batchmark.stream")
 _WATERMARK_PREFIX = b'{"' + WATERMARK_KEY.encode() + b'":'
 DLQ_RAW_LIMIT = 64 * 1024
+
+
+SEEK_GRACE_S = 10.0  # after a seek, how long to wait for the expected offset before accepting a gap
+
+
+@dataclass(frozen=True)
+class Seek:
+    """Ask the consumer to re-deliver a partition from `offset` (a record arrived ahead of its turn)."""
+
+    partition: int
+    offset: int
 
 
 @dataclass
@@ -48,6 +60,8 @@ class _Partition:
     lake: LakeWriter
     next_offset: int = 0
     replay_until: int = 0  # records below this were handled before the last checkpoint
+    position: int | None = None  # the next offset expected; None until the first record of a fresh partition
+    seeking_since: float | None = None  # set while waiting for the record at `position` after a seek
     epoch: str = ""
     dirty: bool = False
 
@@ -60,6 +74,8 @@ class Counters:
     replayed: int = 0
     windows_written: int = 0
     checkpoints: int = 0
+    broker_resets: int = 0
+    skipped: int = 0  # re-delivered, stale or not-ours records passed over
     by_reason: dict[str, int] = field(default_factory=dict)
 
 
@@ -92,9 +108,32 @@ class StreamProcessor:
         self._last_checkpoint = time.monotonic()
 
     # -- assignment -------------------------------------------------------------------------------------
-    def assign(self, partition: int) -> int | None:
-        """Take over a partition from its Postgres checkpoint; returns the offset to resume from (or None)."""
-        ckpt = storage.read_checkpoint(self.settings.database_url, self.topic, partition)
+    def assign(self, partition: int, committed: int | None = None, check_broker: bool = False) -> int | None:
+        """Take over a partition from its Postgres checkpoint; returns the offset to resume from (or None).
+
+        committed: the consumer group's offset the broker holds for the partition. With check_broker, a
+        checkpoint that has processed records while the broker holds no offset means the broker lost its
+        state (the embedded one forgets everything on restart): say so, and start a new epoch from the
+        topic's beginning. Results and lake files already written stay as they are.
+        """
+        url = self.settings.database_url
+        ckpt = storage.read_checkpoint(url, self.topic, partition)
+        if ckpt and check_broker and committed is None and ckpt[1] > 0:
+            resume, next_offset, watermark, old_epoch = ckpt
+            log.error(
+                "%s[%d]: the broker has no committed offset, but Postgres records offsets up to %d as processed "
+                "(epoch %s, watermark %s). The broker was restarted or the topic recreated, so its records are "
+                "gone. Starting a new epoch from the topic's beginning; stream results and lake files already "
+                "written are kept. Replay everything after %s (e.g. `batchmark replay FILE`) to restore results.",
+                self.topic,
+                partition,
+                next_offset - 1,
+                old_epoch,
+                ms_to_datetime(watermark).isoformat(),
+                ms_to_datetime(watermark).isoformat(),
+            )
+            self.counters.broker_resets += 1
+            ckpt = None
         epoch = ckpt[3] if ckpt and ckpt[3] else uuid.uuid4().hex[:8]
         lake = LakeWriter(self.settings.events_lake, self.defs.dataset, partition, epoch)
         rt = _Partition(PartitionState(self.defs), lake, epoch=epoch)
@@ -102,6 +141,7 @@ class StreamProcessor:
             resume, next_offset, watermark, _ = ckpt
             rt.state.watermark_ms = watermark
             rt.replay_until = rt.next_offset = next_offset
+            rt.position = resume if next_offset > 0 else None
             log.info(
                 "partition %d: resuming at offset %d (epoch %s, checkpoint next=%d, watermark=%d)",
                 partition,
@@ -111,6 +151,10 @@ class StreamProcessor:
                 watermark,
             )
         else:
+            with storage.transaction(url) as cur:  # the epoch is kept from the start: a crash reuses it
+                storage.write_checkpoint(cur, self.topic, partition, 0, 0, rt.state.watermark_ms, epoch)
+            # and the lake stops claiming days a former epoch had closed: nothing of this one is landed yet
+            write_watermark(self.settings.events_lake, self.topic, partition, rt.state.watermark_ms, 0)
             log.info("partition %d: no checkpoint, starting epoch %s", partition, epoch)
         self.partitions[partition] = rt
         return ckpt[0] if ckpt else None
@@ -120,12 +164,37 @@ class StreamProcessor:
         self.partitions.pop(partition, None)
 
     # -- processing -------------------------------------------------------------------------------------
-    def process(self, partition: int, offset: int, key: bytes | None, raw: bytes) -> DeadLetter | None:
-        """Handle one record; returns the dead letter to send when it is malformed."""
+    def process(self, partition: int, offset: int, key: bytes | None, raw: bytes) -> DeadLetter | Seek | None:
+        """Handle one record; returns the dead letter to send when it is malformed, or a Seek.
+
+        Records must come in offset order from the partition's resume point. One already handled (a
+        re-delivery) is skipped; one ahead of its turn (records fetched before a rebalance, delivered after
+        the consumer went back to the checkpoint) is not processed: the consumer is asked to go back to the
+        expected offset. A record of a partition this worker does not own is skipped: its owner reads it.
+        """
         rt = self.partitions.get(partition)
         if rt is None:
-            self.assign(partition)
-            rt = self.partitions[partition]
+            self.counters.skipped += 1
+            return None
+        if rt.position is not None and offset != rt.position:
+            if offset < rt.position:
+                self.counters.skipped += 1
+                return None
+            now = time.monotonic()
+            if rt.seeking_since is None:
+                rt.seeking_since = now
+                return Seek(partition, rt.position)
+            if now - rt.seeking_since < SEEK_GRACE_S:
+                self.counters.skipped += 1
+                return None
+            log.warning(
+                "partition %d: offset %d never came back after a seek; continuing at %d (a gap in the log)",
+                partition,
+                rt.position,
+                offset,
+            )
+        rt.position = offset + 1
+        rt.seeking_since = None
         c = self.counters
         c.processed += 1
         replaying = offset < rt.replay_until
@@ -164,7 +233,7 @@ class StreamProcessor:
         propagates and nothing is lost: the next checkpoint writes the same rows again.
         """
         results: list[WindowResult] = []
-        late: list[tuple[str, int, int]] = []
+        late: dict[int, list[tuple[str, int, int]]] = {}
         points: dict[int, tuple[int, int, int]] = {}
         closed: dict[int, list[tuple[int, tuple[int, str]]]] = {}
         for p, rt in self.partitions.items():
@@ -173,7 +242,7 @@ class StreamProcessor:
             rows, keys = rt.state.close_ready()
             results.extend(rows)
             closed[p] = keys
-            late.extend(rt.state.late_counts())
+            late[p] = rt.state.late_counts()
             rt.lake.flush()  # the lake holds everything below next_offset before the checkpoint says so
             first_open = rt.state.first_open_offset(exclude=keys)
             resume = min(first_open, rt.next_offset) if first_open is not None else rt.next_offset
@@ -181,7 +250,8 @@ class StreamProcessor:
         if points:
             with storage.transaction(self.settings.database_url) as cur:
                 storage.upsert_stream_results(cur, results)
-                storage.add_late_events(cur, late)
+                for p, counts in late.items():
+                    storage.add_late_events(cur, p, self.partitions[p].epoch, counts)
                 for p, (resume, nxt, wm) in points.items():
                     storage.write_checkpoint(cur, self.topic, p, resume, nxt, wm, self.partitions[p].epoch)
             for p, (_, nxt, wm) in points.items():

@@ -13,9 +13,9 @@ from pathlib import Path
 
 _HOME = Path(tempfile.mkdtemp(prefix="batchmark-test-"))
 os.environ["BATCHMARK_HOME"] = str(_HOME)
-os.environ.setdefault(
-    "DATABASE_URL", os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/batchmark_test")
-)
+# one database per test session: two sessions at once (CI beside a developer's run) must not wipe each other
+_DB = f"batchmark_test_{os.getpid()}"
+os.environ["DATABASE_URL"] = os.environ.get("TEST_DATABASE_URL", f"postgresql://postgres@127.0.0.1:5432/{_DB}")
 os.environ["SPARK_MASTER"] = os.environ.get("TEST_SPARK_MASTER", "local[2]")
 os.environ.pop("KAFKA_BOOTSTRAP_SERVERS", None)
 
@@ -31,7 +31,7 @@ from batchmark.broker import EmbeddedBroker  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def pg_url() -> str:
+def pg_url():  # noqa: ANN201 - a generator fixture yielding the URL
     """A clean test database with the schema (an embedded server when none is reachable)."""
     from batchmark.pg import ensure_postgres, reachable
 
@@ -44,7 +44,16 @@ def pg_url() -> str:
     with storage.transaction(url) as cur:
         cur.execute("DROP SCHEMA IF EXISTS stream, truth, quality CASCADE")
     storage.init_schema(url)
-    return url
+    yield url
+    if storage.db_name(url) == _DB:  # ours alone: drop it (processes the tests started are stopped by now)
+        from psycopg2 import sql
+
+        conn = storage.connect(storage.server_url(url))
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (_DB,))
+            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(_DB)))
+        conn.close()
 
 
 @pytest.fixture(scope="session")

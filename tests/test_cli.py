@@ -24,6 +24,12 @@ def test_malformed_date_is_refused(capsys: pytest.CaptureFixture[str], bad: str)
     assert "YYYY-MM-DD" in out
 
 
+def test_unknown_metric_is_refused_with_the_known_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run(capsys, "validate", "--date", "2026-11-24", "--metric", "jobs; DROP TABLE truth.results")
+    assert code == 2
+    assert "unknown metric" in out and "jobs, cpu_seconds" in out
+
+
 def test_bad_generator_share_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     code, out = run(capsys, "generate", "--date", "2026-11-24", "--out", "/tmp/x.jsonl", "--late", "2")
     assert code == 2 and "between 0 and 0.5" in out

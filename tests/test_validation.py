@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from datetime import date
 from pathlib import Path
 
 import pytest
+from psycopg2 import sql
 
 from batchmark import config, storage
 from batchmark.definitions import Definitions, load_definitions
@@ -17,16 +19,23 @@ from batchmark.errors import ConfigError
 from batchmark.validation import ValidationReport, validate_day
 from batchmark.windows import day_bounds_ms
 
-DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/batchmark_test_validation"
+DATABASE_URL = f"postgresql://postgres@127.0.0.1:5432/batchmark_test_validation_{os.getpid()}"
 DAY = date(2026, 11, 24)
 TENANTS = ("acme", "globex", "initech")
 WINDOWS_PER_METRIC = len(TENANTS) * 1440  # 1-minute windows over one day
 
 
 @pytest.fixture(scope="module")
-def database() -> str:
+def database():  # noqa: ANN201 - yields this session's own database, dropped afterwards
     storage.ensure_database(DATABASE_URL)
-    return DATABASE_URL
+    yield DATABASE_URL
+    conn = storage.connect(storage.server_url(DATABASE_URL))
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(storage.db_name(DATABASE_URL)))
+        )
+    conn.close()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 
 from batchmark import config, spark, storage
 from batchmark.definitions import load_definitions
-from batchmark.lake import LakeWriter
+from batchmark.lake import LakeWriter, day_dir
 from batchmark.windows import day_bounds_ms
 
 DAY = date(2026, 10, 3)
@@ -48,6 +48,10 @@ def test_colliding_offsets_of_two_epochs_and_a_relanded_record(pg_url: str) -> N
         again.add(_event(100 + off, start + 1000 * off), off, 0)
     again.flush()
 
+    # a file a crash left half-written keeps its hidden temporary name: it must never be read
+    (day_dir(settings.events_lake, DAY) / ".part-epochnew-p0-000000000005-000000000009.parquet.tmp").write_bytes(
+        b"PAR1 half a file"
+    )
     result = spark.submit(settings, DAY, "epoch-test")
     assert result["lake_records_read"] == 12  # two records were landed twice
     assert result["lake_records"] == 10  # ... and count once; the other epoch's offsets 0..4 are other events

@@ -1,0 +1,92 @@
+"""The broker restarted (the embedded one forgets its topics and offsets): say so, damage nothing, replay restores.
+
+A day is streamed, then the broker is replaced by an empty one on the same port and the worker restarted. The
+worker must say what happened and what to replay; the results in Postgres and the files in the lake must be
+untouched; replaying the day must give the same results again, with late counts replaced, not added.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+from batchmark import config, storage
+from batchmark.broker import EmbeddedBroker, create_topics
+from batchmark.definitions import load_definitions
+from batchmark.demo import start_worker, stop, wait_for_day, wait_until_ready
+from batchmark.generator import GeneratorConfig, generate
+from batchmark.lake import day_dir
+from batchmark.replay import replay
+
+DAY = date(2026, 11, 12)
+pytestmark = pytest.mark.timeout(600)
+
+
+def _results(url: str) -> tuple[dict, int]:
+    with storage.transaction(url) as cur:
+        cur.execute(
+            "SELECT metric, group_key, window_start, value, n_events FROM stream.results WHERE day = %s "
+            "AND metric <> 'duration_p50' AND metric <> 'duration_p95' AND metric <> 'duration_p99'",
+            (DAY,),
+        )
+        rows = {(m, g, w): (v, n) for m, g, w, v, n in cur.fetchall()}
+        cur.execute("SELECT coalesce(sum(n_late), 0) FROM stream.late_events WHERE day = %s", (DAY,))
+        return rows, int(cur.fetchone()[0])
+
+
+def test_broker_restart_is_reported_and_a_replay_restores_the_results(pg_url: str, home: Path) -> None:
+    own = EmbeddedBroker(log_path=home / "broker-restart.log").start()  # not the session's broker
+    saved = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    os.environ["KAFKA_BOOTSTRAP_SERVERS"] = own.bootstrap
+    os.environ["BATCHMARK_EVENTS_TOPIC"], os.environ["BATCHMARK_DLQ_TOPIC"] = "restart", "restart.dlq"
+    settings = config.load()
+    defs = load_definitions(settings.definitions_path)
+    lateness = max(m.allowed_lateness_ms for m in defs.metrics)
+    data = home / "restart.jsonl"
+    generate(GeneratorConfig(day=DAY, events=15_000, tenants=4, out_of_order=0.05, late=0.01, seed=41), data)
+    log = home / "worker-restart.log"
+    try:
+        create_topics(own.bootstrap, {settings.events_topic: settings.partitions, settings.dlq_topic: 1})
+        worker = start_worker(settings, log)
+        try:
+            wait_until_ready(worker, log)
+            replay(data, own.bootstrap, settings.events_topic, defs, progress=False)
+            wait_for_day(settings, DAY, lateness, worker, log, timeout_s=240)
+        finally:
+            stop(worker)
+        before, late_before = _results(pg_url)
+        files_before = {p: p.stat().st_mtime_ns for p in day_dir(settings.events_lake, DAY).glob("*.parquet")}
+        assert before and late_before > 0
+
+        own.stop()  # the broker restarts: every topic, record and committed offset is gone
+        own = EmbeddedBroker(port=own.port, log_path=home / "broker-restart.log").start()
+        create_topics(own.bootstrap, {settings.events_topic: settings.partitions, settings.dlq_topic: 1})
+        worker = start_worker(settings, log)
+        try:
+            wait_until_ready(worker, log)
+            text = log.read_text()
+            assert text.count("the broker has no committed offset") == settings.partitions
+            assert "Replay everything after" in text and "starting a new epoch" in text.lower()
+            assert _results(pg_url) == (before, late_before)  # nothing committed was damaged
+            assert all(p.stat().st_mtime_ns == t for p, t in files_before.items())
+
+            with storage.transaction(pg_url) as cur:
+                cur.execute("SELECT now()")
+                restarted_at = cur.fetchone()[0]
+            replay(data, own.bootstrap, settings.events_topic, defs, progress=False)
+            wait_for_day(settings, DAY, lateness, worker, log, timeout_s=240)
+        finally:
+            stop(worker)
+        after, late_after = _results(pg_url)
+        with storage.transaction(pg_url) as cur:
+            cur.execute("SELECT count(*) FROM stream.results WHERE day = %s AND updated_at < %s", (DAY, restarted_at))
+            assert cur.fetchone()[0] == 0  # every window was written again by the replay
+        assert after == before  # the replay restored the same results (sketches with random state excepted)
+        assert late_after == late_before  # replaced within the new epoch, not added
+    finally:
+        own.stop()
+        if saved is not None:
+            os.environ["KAFKA_BOOTSTRAP_SERVERS"] = saved
