@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
 
 from batchmark.config import REPO_ROOT, Settings
+
+AUTH_MANAGER = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
+# The only Airflow users (simple auth manager, user:role) and where each one's password may come from.
+USERS = {"admin": "admin", "viewer": "viewer"}
+PASSWORD_ENV = {"admin": "BATCHMARK_AIRFLOW_ADMIN_PASSWORD", "viewer": "BATCHMARK_AIRFLOW_VIEWER_PASSWORD"}
 
 
 def airflow_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -21,7 +28,11 @@ def airflow_env(settings: Settings, extra: dict[str, str] | None = None) -> dict
         "AIRFLOW__CORE__PARALLELISM": "4",
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
         "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__CORE__AUTH_MANAGER": AUTH_MANAGER,
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(f"{u}:{r}" for u, r in USERS.items()),
+        # Runtime state, never in git (.batchmark/ is ignored); point the variable elsewhere to move it.
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "simple_auth_manager_passwords.json.generated"),
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
     }
@@ -39,3 +50,32 @@ def migrate(settings: Settings) -> None:
     settings.airflow_home.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **airflow_env(settings)}
     subprocess.run([airflow_bin(), "db", "migrate"], env=env, check=True, capture_output=True, text=True)
+
+
+def ensure_auth(settings: Settings) -> dict[str, str]:
+    """Make sure every configured Airflow user has a password in the simple auth manager's file; return them.
+
+    A user's password is BATCHMARK_AIRFLOW_<USER>_PASSWORD when set (it replaces the file's), else the one in
+    the file, else a random one generated here once. The file is written with mode 0600. Only the API server
+    needs it; ``airflow dags test`` and ``dag.test()`` run without.
+    """
+    env = airflow_env(settings)
+    path = Path(env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"])
+    users = [u.split(":")[0] for u in env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"].split(",") if u.strip()]
+    current: dict[str, str] = {}
+    if path.exists():
+        text = path.read_text().strip()
+        current = json.loads(text) if text else {}
+    wanted = dict(current)
+    for user in users:
+        from_env = os.environ.get(PASSWORD_ENV.get(user, f"BATCHMARK_AIRFLOW_{user.upper()}_PASSWORD"), "")
+        wanted[user] = from_env or current.get(user) or secrets.token_urlsafe(18)
+    if wanted != current or not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(wanted) + "\n")
+        os.replace(tmp, path)
+    os.chmod(path, 0o600)
+    return {user: wanted[user] for user in users}

@@ -73,6 +73,7 @@ with DAG(
             None,
             type=["null", "string"],
             pattern=DATE_PATTERN,
+            maxLength=10,  # the pattern's $ would let a trailing newline through
             description="Day to recompute and validate, YYYY-MM-DD. Empty: the day of the data interval.",
         ),
     },
