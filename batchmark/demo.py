@@ -7,6 +7,7 @@ Everything it starts it stops at the end, unless --keep.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -152,7 +153,11 @@ def run_demo(day: date, gen: GeneratorConfig, keep: bool = False) -> int:
                 cwd=REPO_ROOT,
             ).returncode
         dag_s = time.monotonic() - t1
-        print(f"      DAG finished in {dag_s:.0f}s with exit code {rc} (log {dag_log})")
+        tasks = task_seconds(settings)
+        print(
+            f"      DAG finished in {dag_s:.0f}s with exit code {rc} (log {dag_log}); task seconds: "
+            + ", ".join(f"{t} {s:.1f}" for t, s in tasks.items())
+        )
 
         summary = latest_accuracy(settings.database_url, day)
         print(f"[5/5] {summary['line']}")
@@ -164,6 +169,7 @@ def run_demo(day: date, gen: GeneratorConfig, keep: bool = False) -> int:
             "stream_seconds": round(stream_s, 1),
             "stream_records_per_s": round(stats.records / stream_s),
             "dag_seconds": round(dag_s, 1),
+            "task_seconds": tasks,
             "success": summary["success"],
             "waited_s": round(waited, 1),
         }
@@ -179,6 +185,22 @@ def run_demo(day: date, gen: GeneratorConfig, keep: bool = False) -> int:
             stop(worker)
             if broker:
                 broker.stop()
+
+
+def task_seconds(settings: Settings) -> dict[str, float]:
+    """Durations of the tasks of the newest nightly_recompute run, from Airflow's metadata DB (SQLite only)."""
+    import sqlite3
+
+    db = settings.airflow_home / "airflow.db"
+    if not db.exists():
+        return {}
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        rows = conn.execute(
+            """SELECT task_id, (julianday(end_date) - julianday(start_date)) * 86400 FROM task_instance
+               WHERE dag_id = 'nightly_recompute' AND run_id = (SELECT run_id FROM dag_run
+                 WHERE dag_id = 'nightly_recompute' ORDER BY id DESC LIMIT 1)"""
+        ).fetchall()
+    return {task: round(s, 1) for task, s in rows if s is not None}
 
 
 def latest_accuracy(url: str, day: date) -> dict[str, object]:

@@ -36,3 +36,45 @@ def test_nightly_recompute_shape(dagbag: DagBag) -> None:
         "check_accuracy": [],
     }
     assert dag.params["date"] is None
+
+
+def test_tasks_retry_with_exponential_backoff(dagbag: DagBag) -> None:
+    dag = dagbag.dags["nightly_recompute"]
+    for t in dag.tasks:
+        if t.task_id != "check_accuracy":  # an accuracy failure is a finding, not a transient error
+            assert t.retry_exponential_backoff and t.retry_delay.total_seconds() == 30, t.task_id
+        assert t.on_failure_callback, t.task_id
+
+
+def test_failure_callback_records_what_failed(dagbag: DagBag, pg_url: str) -> None:
+    import sys
+
+    from batchmark import storage
+
+    fileloc = dagbag.dags["nightly_recompute"].fileloc  # the DAG file's module, as the DagBag loaded it
+    module = next(m for m in list(sys.modules.values()) if getattr(m, "__file__", None) == fileloc)
+
+    class TI:
+        task_id = "spark_recompute"
+
+    module.record_failure(
+        {
+            "task_instance": TI(),
+            "run_id": "manual__test",
+            "params": {"date": "2026-11-24"},
+            "exception": RuntimeError("spark recompute for 2026-11-24 failed (exit 2)"),
+        }
+    )
+    with storage.transaction(pg_url) as cur:
+        cur.execute(
+            "SELECT dag_id, task_id, run_id, day, error FROM quality.task_failures WHERE run_id = %s", ("manual__test",)
+        )
+        assert cur.fetchall() == [
+            (
+                "nightly_recompute",
+                "spark_recompute",
+                "manual__test",
+                "2026-11-24",
+                "RuntimeError('spark recompute for 2026-11-24 failed (exit 2)')",
+            )
+        ]
