@@ -225,9 +225,10 @@ def init_schema(url: str) -> None:
             cur.execute(FAILURES_SQL)
     except psycopg2.errors.InsufficientPrivilege as exc:
         with transaction(url) as cur:
-            cur.execute(
-                "SELECT to_regclass('stream.checkpoints') IS NOT NULL AND "
-                "to_regclass('quality.task_failures') IS NOT NULL"
+            cur.execute(  # ask the catalog, readable by every role (to_regclass needs USAGE on the schema)
+                "SELECT count(*) = 2 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n"
+                " ON n.oid = c.relnamespace"
+                " WHERE (n.nspname, c.relname) IN (('stream', 'checkpoints'), ('quality', 'task_failures'))"
             )
             ready = cur.fetchone()[0]
         if not ready:

@@ -46,8 +46,8 @@ def _snapshot(url: str, day: date) -> tuple[dict, dict]:
             "SELECT metric, group_key, window_start, value, n_events, detail FROM stream.results WHERE day = %s", (day,)
         )
         results = {(m, g, w): (v, n, d) for m, g, w, v, n, d in cur.fetchall()}
-        cur.execute("SELECT metric, window_start, n_late FROM stream.late_events WHERE day = %s", (day,))
-        late = {(m, w): n for m, w, n in cur.fetchall()}
+        cur.execute("SELECT metric, window_start, partition, n_late FROM stream.late_events WHERE day = %s", (day,))
+        late = {(m, w, p): n for m, w, p, n in cur.fetchall()}
         cur.execute("DELETE FROM stream.results WHERE day = %s", (day,))
         cur.execute("DELETE FROM stream.late_events WHERE day = %s", (day,))
     return results, late
