@@ -20,7 +20,7 @@ from batchmark import config, storage
 from batchmark.airflow_env import airflow_bin, airflow_env, migrate
 from batchmark.broker import EmbeddedBroker, create_topics
 from batchmark.config import REPO_ROOT, Settings
-from batchmark.definitions import load_definitions
+from batchmark.definitions import Definitions, load_definitions
 from batchmark.errors import BatchmarkError
 from batchmark.generator import GeneratorConfig, generate
 from batchmark.lake import day_completeness
@@ -84,6 +84,25 @@ def wait_for_day(
             return time.monotonic() - t0
         time.sleep(0.5)
     raise BatchmarkError(f"the stream worker did not finish {day} within {timeout_s:.0f}s; see {log_path}")
+
+
+def stream_day(
+    settings: Settings, defs: Definitions, data: Path, day: date, log_path: Path, timeout_s: float = 240
+) -> float:
+    """Start a worker, replay `data` into the events topic, wait until `day` is landed and closed, stop it.
+
+    Returns the seconds from the start of the replay to the day being complete.
+    """
+    worker = start_worker(settings, log_path)
+    try:
+        wait_until_ready(worker, log_path)
+        t0 = time.monotonic()
+        replay(data, settings.bootstrap_servers, settings.events_topic, defs, progress=False)
+        lateness = max(m.allowed_lateness_ms for m in defs.metrics)
+        wait_for_day(settings, day, lateness, worker, log_path, timeout_s=timeout_s)
+        return time.monotonic() - t0
+    finally:
+        stop(worker)
 
 
 def stop(proc: subprocess.Popen[bytes] | None) -> None:

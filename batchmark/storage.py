@@ -118,6 +118,27 @@ ALTER TABLE quality.accuracy_history ADD COLUMN IF NOT EXISTS duplicate_events b
 ALTER TABLE quality.accuracy_history ADD COLUMN IF NOT EXISTS lost_events bigint NOT NULL DEFAULT 0;
 CREATE INDEX IF NOT EXISTS accuracy_history_day ON quality.accuracy_history (day, metric);
 
+CREATE TABLE IF NOT EXISTS stream.checkpoints (
+    topic         text        NOT NULL,
+    partition     integer     NOT NULL,
+    resume_offset bigint      NOT NULL,
+    next_offset   bigint      NOT NULL,
+    watermark_ms  bigint      NOT NULL,
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (topic, partition)
+);
+ALTER TABLE stream.checkpoints ADD COLUMN IF NOT EXISTS epoch text NOT NULL DEFAULT '';
+
+CREATE TABLE IF NOT EXISTS quality.task_failures (
+    id         bigserial PRIMARY KEY,
+    dag_id     text NOT NULL,
+    task_id    text NOT NULL,
+    run_id     text NOT NULL,
+    day        text,
+    error      text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+
 -- One row per batch-truth window, with the stream's value beside it (NULL when the stream has no row) and
 -- the kind's accuracy error. Where the error needs the raw events (quantile rank error, top-k recall) it
 -- comes from window_accuracy, and only while the stream value is the one it was computed for.
@@ -221,8 +242,6 @@ def init_schema(url: str) -> None:
             cur.execute("SELECT pg_advisory_xact_lock(4242)")  # two processes may init at once
             cur.execute(UPGRADE_SQL)
             cur.execute(SCHEMA_SQL)
-            cur.execute(CHECKPOINT_SQL)
-            cur.execute(FAILURES_SQL)
     except psycopg2.errors.InsufficientPrivilege as exc:
         with transaction(url) as cur:
             cur.execute(  # ask the catalog, readable by every role (to_regclass needs USAGE on the schema)
@@ -338,20 +357,6 @@ def fetch_results(url: str, table: str, day: date) -> dict[tuple[str, str, Any],
         return {(m, g, w): (v, n) for m, g, w, v, n in cur.fetchall()}
 
 
-CHECKPOINT_SQL = """
-CREATE TABLE IF NOT EXISTS stream.checkpoints (
-    topic         text        NOT NULL,
-    partition     integer     NOT NULL,
-    resume_offset bigint      NOT NULL,
-    next_offset   bigint      NOT NULL,
-    watermark_ms  bigint      NOT NULL,
-    updated_at    timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (topic, partition)
-);
-ALTER TABLE stream.checkpoints ADD COLUMN IF NOT EXISTS epoch text NOT NULL DEFAULT '';
-"""
-
-
 def read_checkpoint(url: str, topic: str, partition: int) -> tuple[int, int, int, str] | None:
     """(resume_offset, next_offset, watermark_ms, epoch) stored for a partition, or None."""
     with transaction(url) as cur:
@@ -381,19 +386,6 @@ def write_checkpoint(
              updated_at = now()""",
         (topic, partition, resume_offset, next_offset, watermark_ms, epoch),
     )
-
-
-FAILURES_SQL = """
-CREATE TABLE IF NOT EXISTS quality.task_failures (
-    id         bigserial PRIMARY KEY,
-    dag_id     text NOT NULL,
-    task_id    text NOT NULL,
-    run_id     text NOT NULL,
-    day        text,
-    error      text NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now()
-);
-"""
 
 
 def record_task_failure(url: str, dag_id: str, task_id: str, run_id: str, day: str | None, error: str) -> None:

@@ -16,7 +16,7 @@ import pytest
 from batchmark import config, storage
 from batchmark.broker import EmbeddedBroker, create_topics
 from batchmark.definitions import load_definitions
-from batchmark.demo import start_worker, stop, wait_for_day, wait_until_ready
+from batchmark.demo import start_worker, stop, stream_day, wait_for_day, wait_until_ready
 from batchmark.generator import GeneratorConfig, generate
 from batchmark.lake import day_dir
 from batchmark.replay import replay
@@ -50,13 +50,7 @@ def test_broker_restart_is_reported_and_a_replay_restores_the_results(pg_url: st
     log = home / "worker-restart.log"
     try:
         create_topics(own.bootstrap, {settings.events_topic: settings.partitions, settings.dlq_topic: 1})
-        worker = start_worker(settings, log)
-        try:
-            wait_until_ready(worker, log)
-            replay(data, own.bootstrap, settings.events_topic, defs, progress=False)
-            wait_for_day(settings, DAY, lateness, worker, log, timeout_s=240)
-        finally:
-            stop(worker)
+        stream_day(settings, defs, data, DAY, log)
         before, late_before = _results(pg_url)
         files_before = {p: p.stat().st_mtime_ns for p in day_dir(settings.events_lake, DAY).glob("*.parquet")}
         assert before and late_before > 0

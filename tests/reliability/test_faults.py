@@ -22,7 +22,7 @@ import pytest
 from batchmark import config, storage
 from batchmark.broker import create_topics
 from batchmark.definitions import load_definitions
-from batchmark.demo import start_worker, stop, wait_for_day, wait_until_ready
+from batchmark.demo import start_worker, stop, stream_day, wait_for_day, wait_until_ready
 from batchmark.generator import GeneratorConfig, generate
 from batchmark.lake import day_dir
 from batchmark.replay import replay
@@ -83,14 +83,7 @@ def test_three_sigkills_change_nothing(pg_url: str, broker, home: Path) -> None:
 
     # the reference: no faults
     ref = _use_topic("faults-reference")
-    log = home / "worker-faults-reference.log"
-    worker = start_worker(ref, log)
-    try:
-        wait_until_ready(worker, log)
-        replay(data, ref.bootstrap_servers, ref.events_topic, defs, progress=False)
-        wait_for_day(ref, DAY, lateness, worker, log, timeout_s=300)
-    finally:
-        stop(worker)
+    stream_day(ref, defs, data, DAY, home / "worker-faults-reference.log", timeout_s=300)
     ref_results, ref_late = _snapshot(pg_url, DAY)
 
     # the same day with three SIGKILLs at random moments of the processing
