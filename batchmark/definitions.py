@@ -6,6 +6,7 @@ A metric is declared once; the stream worker, the Spark job and the GX suite all
 from __future__ import annotations
 
 import ast
+import functools
 import re
 import tomllib
 from collections.abc import Callable
@@ -15,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from batchmark.errors import ConfigError
+from batchmark.windows import DAY_MS
 
 FIELD_TYPES = ("string", "float", "int")
 RESERVED = {"event_id", "event_time_ms", "event_date", "_partition", "_offset"}
 _DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d)\s*$")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
-DAY_MS = 86_400_000
 
 
 def parse_duration_ms(text: str | int) -> int:
@@ -65,9 +66,14 @@ class Dataset:
     min_event_time_ms: int
     max_event_time_ms: int
 
-    @property
+    @functools.cached_property
     def field_names(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.fields)
+
+    @functools.cached_property
+    def accepted_keys(self) -> frozenset[str]:
+        """Every key a source record may carry: the id, the time and the fields."""
+        return frozenset((self.event_id, self.event_time, *self.field_names))
 
     def field(self, name: str) -> FieldSpec:
         for f in self.fields:

@@ -61,12 +61,10 @@ class LakeWriter:
         self.epoch = epoch
         self.schema = arrow_schema(ds)
         self._rows: dict[date, list[tuple[int, int, dict[str, Any]]]] = defaultdict(list)
-        self.pending = 0
 
     def add(self, event: dict[str, Any], offset: int, watermark_ms: int) -> None:
         """Buffer a clean event with where it came from and the partition's watermark when it arrived."""
         self._rows[day_of(event["event_time_ms"])].append((offset, watermark_ms, event))
-        self.pending += 1
 
     def flush(self) -> list[Path]:
         """Write every buffered day to its own file; returns the files written."""
@@ -90,7 +88,6 @@ class LakeWriter:
             os.replace(tmp, path)
             written.append(path)
         self._rows.clear()  # only after every file is in place: a failed flush is retried whole
-        self.pending = 0
         return written
 
 
