@@ -129,7 +129,7 @@ def validate_day(settings: Settings, defs: Definitions, day: date, run_id: str |
     url = settings.database_url
     storage.ensure_database(url)
     with storage.transaction(url) as cur:
-        _write_tolerances(cur, defs)
+        write_tolerances(cur, defs)
         figures = _day_figures(cur, defs, day)
     _require_truth(defs, day, figures)
 
@@ -156,7 +156,7 @@ def validate_day(settings: Settings, defs: Definitions, day: date, run_id: str |
     return report
 
 
-def _write_tolerances(cur: Any, defs: Definitions) -> None:
+def write_tolerances(cur: Any, defs: Definitions) -> None:
     """Upsert each metric's kind and tolerance into quality.metrics, which the comparison view joins."""
     psycopg2.extras.execute_values(
         cur,
