@@ -4,10 +4,13 @@ Run it:   faust -A streaming.app worker --without-web -l info     (or: batchmark
 It logs one line per checkpoint with records processed, rejected, windows written and the watermark.
 
 All the logic lives in batchmark.stream_processor; this file only wires Faust to it:
-- the agent consumes raw bytes in batches (``take_events``) and hands each record to the processor;
-- malformed records go to the dead-letter topic with their reason; the worker keeps going;
-- offsets: Faust's ack-based commits are off for the events topic (``acks=False``). The processor commits
-  results and resume points to Postgres first; only then is the same resume offset committed to Kafka.
+- the events topic is fetched in batches by an aiokafka consumer inside the worker (``_fetch_events``), in its
+  own consumer group ``<app id>-events``; each fetched batch is handed to the Faust agent ``process_events``
+  over an in-memory channel, one channel item per batch. Faust's own per-message consumer path is bypassed for
+  this topic: it costs more than all of the product's per-record work (docs/architecture.md, bench/stream);
+- malformed records go to the dead-letter topic (Faust's producer) with their reason; the worker keeps going;
+- offsets: auto-commit is off. The processor commits results and resume points to Postgres first; only then is
+  the same resume offset committed to Kafka. On assignment the consumer seeks to the Postgres resume point.
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import faust
 import psycopg2
-from faust.types import TP
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import IllegalStateError, KafkaError
 
 from batchmark import config, storage
 from batchmark.definitions import load_definitions
@@ -35,11 +40,9 @@ def _knob(name: str, default: float | None, cast: type = int) -> Any:
     return cast(raw) if raw else default
 
 
-TAKE_MAX = _knob("BATCHMARK_TAKE_MAX", 10_000)  # records per batch handed to the processor
-TAKE_WITHIN = _knob("BATCHMARK_TAKE_WITHIN", 0.2, float)  # seconds to wait for a batch to fill
-STREAM_BUFFER_MAXSIZE = _knob("BATCHMARK_STREAM_BUFFER_MAXSIZE", 20_000)
-MAX_POLL_RECORDS = _knob("BATCHMARK_MAX_POLL_RECORDS", None)  # Faust default: None (no limit)
-MAX_FETCH_SIZE = _knob("BATCHMARK_MAX_FETCH_SIZE", 4 * 1024 * 1024)  # per partition; Faust default 4 MiB
+TAKE_MAX = _knob("BATCHMARK_TAKE_MAX", 10_000)  # most records per fetched batch handed to the agent
+TAKE_WITHIN = _knob("BATCHMARK_TAKE_WITHIN", 0.2, float)  # seconds a fetch waits when nothing is buffered
+MAX_FETCH_SIZE = _knob("BATCHMARK_MAX_FETCH_SIZE", 4 * 1024 * 1024)  # bytes per partition per fetch
 CHECKPOINT_INTERVAL_S = _knob("BATCHMARK_CHECKPOINT_INTERVAL_S", 1.0, float)
 
 settings = config.load()
@@ -53,67 +56,61 @@ app = faust.App(
     value_serializer="raw",
     key_serializer="raw",
     topic_partitions=settings.partitions,
-    consumer_auto_offset_reset="earliest",
     broker_rebalance_timeout=10,  # joins take half the rebalance timeout on the embedded broker
     broker_session_timeout=10,
     broker_heartbeat_interval=1,
     web_enabled=False,
     web_host="127.0.0.1",
     producer_linger_ms=5,
-    stream_buffer_maxsize=STREAM_BUFFER_MAXSIZE,
-    broker_max_poll_records=MAX_POLL_RECORDS,
-    consumer_max_fetch_size=MAX_FETCH_SIZE,
 )
-events_topic = app.topic(settings.events_topic, partitions=settings.partitions, acks=False, internal=False)
+EVENTS_GROUP = f"{app.conf.id}-events"  # Faust's own consumer holds the app id, with its own assignor
 dlq_topic = app.topic(settings.dlq_topic, partitions=1, internal=False)
+fetched_batches = app.channel()  # in-memory: one item = one fetched batch of event records
 processor = StreamProcessor(settings, defs, checkpoint_interval_s=CHECKPOINT_INTERVAL_S)
+_lock = asyncio.Lock()  # batches, checkpoints and partition hand-overs never interleave
+_consumer: AIOKafkaConsumer | None = None
 
 
-@app.on_partitions_revoked.connect
-async def _on_revoked(sender: Any, revoked: set[TP], **_: Any) -> None:
-    async with _lock:  # never in the middle of a batch: its records would continue on a dropped state
-        for tp in revoked:
-            if tp.topic == settings.events_topic:
+@dataclass
+class FetchedBatch:
+    """What one getmany() returned, and a future the agent resolves when it has processed all of it."""
+
+    records: dict[TopicPartition, list[Any]]
+    done: asyncio.Future
+
+    def __len__(self) -> int:
+        return sum(len(rs) for rs in self.records.values())
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    """Partition ownership: revoked partitions drop unsaved state; assigned ones resume from Postgres."""
+
+    def __init__(self, consumer: AIOKafkaConsumer) -> None:
+        self.consumer = consumer
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        async with _lock:  # never in the middle of a batch: its records would continue on a dropped state
+            for tp in revoked:
                 processor.revoke(tp.partition)
 
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        mine = [tp for tp in assigned if tp.partition not in processor.partitions]
+        committed = await self._committed(mine)  # to notice a broker that lost its state
+        async with _lock:
+            for tp in mine:
+                known = committed is not None
+                resume = processor.assign(tp.partition, committed.get(tp) if known else None, check_broker=known)
+                if resume is None:
+                    self.consumer.seek_to_beginning(tp)  # Postgres holds nothing of it: read it all
+                else:
+                    self.consumer.seek(tp, resume)  # the Postgres checkpoint, not the broker's word
 
-async def _group_offsets(partitions: list[int]) -> dict[int, int | None] | None:
-    """The offsets the broker holds for this consumer group (None per partition it holds none for).
-
-    A plain consumer of the same group that does not subscribe asks without joining the group. (The admin
-    client's OffsetFetch is not decoded correctly against the embedded broker.) None when it cannot ask.
-    """
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers,
-        group_id=app.conf.id,
-        enable_auto_commit=False,
-        request_timeout_ms=10_000,
-    )
-    try:
-        await consumer.start()
-        return {p: await consumer.committed(TopicPartition(settings.events_topic, p)) for p in partitions}
-    except Exception as exc:  # noqa: BLE001 - the check is a safeguard; the worker goes on without it
-        log.warning("could not read the group's committed offsets (%r): not checking for a broker reset", exc)
-        return None
-    finally:
-        await consumer.stop()
-
-
-@app.on_partitions_assigned.connect
-async def _on_assigned(sender: Any, assigned: set[TP], **_: Any) -> None:
-    mine = [tp for tp in assigned if tp.topic == settings.events_topic and tp.partition not in processor.partitions]
-    if not mine:
-        return
-    committed = await _group_offsets([tp.partition for tp in mine])  # to notice a broker that lost its state
-    async with _lock:
-        for tp in mine:
-            known = committed is not None
-            processor.assign(tp.partition, committed.get(tp.partition) if known else None, check_broker=known)
-
-
-_lock = asyncio.Lock()  # the agent's batches and the idle timer's checkpoints never interleave
+    async def _committed(self, tps: list[TopicPartition]) -> dict[TopicPartition, int | None] | None:
+        try:
+            return {tp: await self.consumer.committed(tp) for tp in tps}
+        except KafkaError as exc:  # the check is a safeguard; the worker goes on without it
+            log.warning("could not read the group's committed offsets (%r): not checking for a broker reset", exc)
+            return None
 
 
 async def _checkpoint() -> None:
@@ -126,10 +123,12 @@ async def _checkpoint() -> None:
         log.warning("checkpoint failed, will retry (nothing is lost; windows stay in memory): %s", exc)
         return  # anything else is not transient: it reaches the agent's handler and stops the worker
     if resume:
-        offsets = {TP(settings.events_topic, p): off for p, off in resume.items()}
         if _bench is not None:
             _bench.committed(ready)
-        await app.consumer._commit_offsets(offsets)  # Faust's acks are off for this topic: we commit
+        try:  # Kafka's copy only serves the broker-reset check: Postgres is where a partition resumes from
+            await _consumer.commit({TopicPartition(settings.events_topic, p): off for p, off in resume.items()})
+        except (KafkaError, IllegalStateError) as exc:
+            log.info("Kafka offset commit skipped (%r); Postgres holds the resume points", exc)
         s = processor.summary()
         log.info(
             "checkpoint: processed=%d rejected=%d windows_written=%d open=%d watermarks=%s",
@@ -152,41 +151,76 @@ def _fatal(exc: BaseException) -> None:
     os._exit(70)
 
 
-@app.agent(events_topic)
-async def process_events(stream: faust.StreamT) -> None:
-    """Validate, land and aggregate every record; checkpoint about once a second."""
+@app.task
+async def _fetch_events() -> None:
+    """Fetch the events topic in batches and hand each batch to the agent; wait until it is processed.
+
+    One batch is in flight at a time, so a rebalance (which takes the lock) never finds a half-done batch,
+    and a batch fetched before a rebalance is filtered by the processor's ownership and offset checks.
+    """
+    global _consumer
+    consumer = _consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers,
+        group_id=EVENTS_GROUP,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=10_000,
+        heartbeat_interval_ms=1_000,
+        rebalance_timeout_ms=10_000,
+        max_poll_interval_ms=300_000,
+        max_partition_fetch_bytes=MAX_FETCH_SIZE,
+        fetch_max_bytes=max(MAX_FETCH_SIZE * settings.partitions, 52_428_800),
+    )
+    consumer.subscribe([settings.events_topic], listener=_Rebalance(consumer))
+    loop = asyncio.get_running_loop()
     try:
-        async for batch in stream.take_events(TAKE_MAX, within=TAKE_WITHIN):
-            async with _lock:
-                if _bench is not None:
-                    _bench.batch_start(len(batch))
-                for event in batch:
-                    msg = event.message
-                    out = processor.process(msg.partition, msg.offset, msg.key, msg.value)
-                    if isinstance(out, Seek):
-                        log.info(
-                            "partition %d: offset %d came ahead of %d; going back",
-                            out.partition,
-                            msg.offset,
-                            out.offset,
-                        )
-                        await app.consumer.seek(TP(settings.events_topic, out.partition), out.offset)
-                    elif out is not None:
-                        await dlq_topic.send(key=out.key, value=out.value)
-                if _bench is not None:
-                    _bench.batch_end()
-                if processor.checkpoint_due():
-                    await _checkpoint()
+        await consumer.start()
+        while True:
+            records = await consumer.getmany(timeout_ms=int(TAKE_WITHIN * 1000), max_records=TAKE_MAX)
+            if records:
+                batch = FetchedBatch(records, loop.create_future())
+                await fetched_batches.send(value=batch)
+                await batch.done
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # noqa: BLE001
         _fatal(exc)
+    finally:
+        await consumer.stop()
+
+
+@app.agent(fetched_batches)
+async def process_events(stream: faust.StreamT) -> None:
+    """Validate, land and aggregate every record of each fetched batch; checkpoint about once a second."""
+    async for batch in stream:
+        try:
+            async with _lock:
+                if _bench is not None:
+                    _bench.batch_start(len(batch))
+                for tp, records in batch.records.items():
+                    p = tp.partition
+                    for r in records:
+                        out = processor.process(p, r.offset, r.key, r.value)
+                        if isinstance(out, Seek):
+                            log.info("partition %d: offset %d came ahead of %d; going back", p, r.offset, out.offset)
+                            _consumer.seek(tp, out.offset)
+                        elif out is not None:
+                            await dlq_topic.send(key=out.key, value=out.value)
+                if _bench is not None:
+                    _bench.batch_end()
+                if processor.checkpoint_due():
+                    await _checkpoint()
+            batch.done.set_result(None)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            _fatal(exc)
 
 
 @app.timer(interval=1.0)
 async def _idle_checkpoint() -> None:
     """Close windows on time even when no new batch arrives (e.g. right after a watermark punctuation)."""
-    if processor.checkpoint_due() and any(rt.dirty for rt in processor.partitions.values()):
+    if _consumer is not None and processor.checkpoint_due() and any(rt.dirty for rt in processor.partitions.values()):
         try:
             async with _lock:
                 await _checkpoint()
@@ -272,8 +306,6 @@ class _BenchStats:
             "settings": {
                 "take_max": TAKE_MAX,
                 "take_within": TAKE_WITHIN,
-                "stream_buffer_maxsize": STREAM_BUFFER_MAXSIZE,
-                "max_poll_records": MAX_POLL_RECORDS,
                 "max_fetch_size": MAX_FETCH_SIZE,
                 "checkpoint_interval_s": CHECKPOINT_INTERVAL_S,
             },
