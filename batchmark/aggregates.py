@@ -112,8 +112,8 @@ class Sum(Aggregate):
     def exact(self, values: Sequence[float]) -> tuple[float, Detail]:
         return math.fsum(values), None
 
-    def state_bytes(self, state: list[float]) -> int:
-        return 8 * max(1, len(state))
+    def state_bytes(self, state: FirstFitBins) -> int:
+        return 8 * len(state.tree)
 
 
 class Mean(Aggregate):
@@ -317,12 +317,82 @@ class TopK(Aggregate):
         return state.get_serialized_size_bytes()
 
 
+class FirstFitBins:
+    """Bins in opening order with the room each has left, and a max-tree over the rooms.
+
+    First Fit puts an item into the first bin with room for it; the tree finds that bin in O(log bins)
+    instead of scanning every bin (the scan was a quarter of the stream worker's time with a few hundred
+    bins per window). Same bins, same choices, same float arithmetic as the scan.
+    """
+
+    __slots__ = ("capacity", "n", "size", "tree")
+
+    def __init__(self, capacity: float) -> None:
+        self.capacity = capacity
+        self.n = 0  # bins opened
+        self.size = 8  # leaves; doubles when full
+        self.tree = [-1.0] * 16  # tree[1] is the root, leaves at size..2*size-1; -1: no bin there
+
+    def __len__(self) -> int:
+        return self.n
+
+    def rooms(self) -> list[float]:
+        """Room left in each bin, in opening order."""
+        return self.tree[self.size : self.size + self.n]
+
+    def _open(self, room: float) -> None:
+        if self.n == self.size:  # grow: rebuild a tree twice as wide
+            leaves = self.rooms()
+            self.size *= 2
+            self.tree = [-1.0] * (2 * self.size)
+            self.tree[self.size : self.size + len(leaves)] = leaves
+            for i in range(self.size - 1, 0, -1):
+                left, right = self.tree[2 * i], self.tree[2 * i + 1]
+                self.tree[i] = left if left > right else right
+        tree = self.tree
+        i = self.size + self.n
+        self.n += 1
+        tree[i] = room
+        i >>= 1
+        while i and tree[i] < room:
+            tree[i] = room
+            i >>= 1
+
+    def place(self, x: float) -> None:
+        """Put x into the first bin with room (an item larger than a bin fills bins of its own first)."""
+        capacity = self.capacity
+        if x > capacity:
+            full, x = divmod(x, capacity)
+            for _ in range(int(full)):
+                self._open(0.0)
+            if x == 0:
+                return
+        tree = self.tree
+        if tree[1] < x:
+            self._open(capacity - x)
+            return
+        i, size = 1, self.size
+        while i < size:  # go down to the leftmost leaf with room >= x
+            i <<= 1
+            if tree[i] < x:
+                i += 1
+        tree[i] -= x
+        i >>= 1
+        while i:  # rooms only shrink here: stop where a maximum no longer changes
+            left, right = tree[2 * i], tree[2 * i + 1]
+            top = left if left > right else right
+            if tree[i] == top:
+                break
+            tree[i] = top
+            i >>= 1
+
+
 def first_fit(items: Sequence[float], capacity: float) -> int:
     """Bins First Fit uses for items in this order (an item larger than a bin gets bins of its own)."""
-    state: list[float] = []
+    bins = FirstFitBins(capacity)
     for x in items:
-        state = BinPacking.place(state, x, capacity)
-    return len(state)
+        bins.place(x)
+    return len(bins)
 
 
 class BinPacking(Aggregate):
@@ -338,29 +408,14 @@ class BinPacking(Aggregate):
     def capacity(self) -> float:
         return float(self.params["capacity"])
 
-    @staticmethod
-    def place(bins: list[float], x: float, capacity: float) -> list[float]:
-        """Put x into the first bin with room (bins hold remaining capacity)."""
-        if x > capacity:
-            full, rest = divmod(x, capacity)
-            bins.extend([0.0] * int(full))
-            x = rest
-            if x == 0:
-                return bins
-        for i, room in enumerate(bins):
-            if room >= x:
-                bins[i] = room - x
-                return bins
-        bins.append(capacity - x)
-        return bins
+    def new(self) -> FirstFitBins:
+        return FirstFitBins(self.capacity)
 
-    def new(self) -> list[float]:
-        return []
+    def add(self, state: FirstFitBins, value: float) -> FirstFitBins:
+        state.place(value)
+        return state
 
-    def add(self, state: list[float], value: float) -> list[float]:
-        return self.place(state, value, self.capacity)
-
-    def result(self, state: list[float]) -> tuple[float, Detail]:
+    def result(self, state: FirstFitBins) -> tuple[float, Detail]:
         return float(len(state)), None
 
     def exact(self, values: Sequence[float]) -> tuple[float, Detail]:
@@ -375,8 +430,8 @@ class BinPacking(Aggregate):
     def bound(self) -> float:
         return 1.7
 
-    def state_bytes(self, state: list[float]) -> int:
-        return 8 * max(1, len(state))
+    def state_bytes(self, state: FirstFitBins) -> int:
+        return 8 * len(state.tree)
 
 
 AGGREGATES: dict[str, type[Aggregate]] = {

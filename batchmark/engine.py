@@ -12,7 +12,7 @@ from typing import Any
 
 from batchmark.aggregates import Aggregate, aggregate_for
 from batchmark.definitions import Definitions, Metric
-from batchmark.windows import is_closed, window_start
+from batchmark.windows import is_closed
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +52,14 @@ class PartitionState:
         self.watermark_ms = -(2**62)
         self.metrics = [_MetricState(m, aggregate_for(m.kind, m.params)) for m in defs.metrics]
         self.late_events = 0
+        # Metrics with the same window, lateness and grouping share one window start, closed test and group
+        # key per event: (size, lateness, group_by, [(metric state, value fn, the aggregate's add and new)]).
+        plan: dict[tuple[int, int, tuple[str, ...]], list[tuple[Any, ...]]] = {}
+        for ms in self.metrics:
+            m = ms.metric
+            members = plan.setdefault((m.window_ms, m.allowed_lateness_ms, tuple(m.group_by)), [])
+            members.append((ms, m.value_fn, ms.agg.add, ms.agg.new))
+        self._plan = [(size, late, keys, members) for (size, late, keys), members in plan.items()]
 
     def add(self, event: dict[str, Any], offset: int = 0, count_late: bool = True) -> None:
         """Fold one clean event into every metric's open window, or count it late.
@@ -61,21 +69,22 @@ class PartitionState:
         """
         ts = event["event_time_ms"]
         wm = self.watermark_ms
-        for ms in self.metrics:
-            m = ms.metric
-            start = window_start(ts, m.window_ms)
-            if is_closed(start, m.window_ms, m.allowed_lateness_ms, wm):
+        for size, lateness, keys, members in self._plan:
+            start = ts - ts % size  # windows.window_start
+            if wm - lateness >= start + size:  # windows.is_closed: the event is late for these metrics
                 if count_late:
-                    ms.late[start] += 1
-                    self.late_events += 1
+                    for ms, *_ in members:
+                        ms.late[start] += 1
+                    self.late_events += len(members)
                 continue
-            key = (start, group_key(event, m.group_by))
-            slot = ms.windows.get(key)
-            if slot is None:
-                slot = ms.windows[key] = [ms.agg.new(), 0, offset]
-            value = m.value_fn(event) if m.value_fn is not None else 1.0
-            slot[0] = ms.agg.add(slot[0], value)
-            slot[1] += 1
+            key = (start, str(event[keys[0]]) if len(keys) == 1 else group_key(event, keys))
+            for ms, value_fn, agg_add, agg_new in members:
+                windows = ms.windows
+                slot = windows.get(key)
+                if slot is None:
+                    slot = windows[key] = [agg_new(), 0, offset]
+                slot[0] = agg_add(slot[0], value_fn(event) if value_fn is not None else 1.0)
+                slot[1] += 1
         if ts > wm:
             self.watermark_ms = ts
 

@@ -63,6 +63,7 @@ app = faust.App(
     web_host="127.0.0.1",
     producer_linger_ms=5,
 )
+READY_LINE = "events consumer assigned partitions"
 EVENTS_GROUP = f"{app.conf.id}-events"  # Faust's own consumer holds the app id, with its own assignor
 dlq_topic = app.topic(settings.dlq_topic, partitions=1, internal=False)
 fetched_batches = app.channel()  # in-memory: one item = one fetched batch of event records
@@ -104,6 +105,7 @@ class _Rebalance(ConsumerRebalanceListener):
                     self.consumer.seek_to_beginning(tp)  # Postgres holds nothing of it: read it all
                 else:
                     self.consumer.seek(tp, resume)  # the Postgres checkpoint, not the broker's word
+        log.info("%s %s", READY_LINE, sorted(tp.partition for tp in assigned))  # demo.wait_until_ready waits for it
 
     async def _committed(self, tps: list[TopicPartition]) -> dict[TopicPartition, int | None] | None:
         try:

@@ -14,7 +14,7 @@ import datasketches as ds
 import numpy as np
 import pytest
 
-from batchmark.aggregates import BinPacking, DistinctCount, Quantile, TopK, first_fit, rank_error
+from batchmark.aggregates import BinPacking, DistinctCount, FirstFitBins, Quantile, TopK, first_fit, rank_error
 
 
 def _online(agg, values):  # noqa: ANN001, ANN202
@@ -152,3 +152,35 @@ def test_kll_memory_grows_only_logarithmically() -> None:
     agg = Quantile({"q": 0.5, "k": 200})
     sizes = [agg.state_bytes(_online(agg, (float(i) for i in range(n)))[1]) for n in (10_000, 1_000_000)]
     assert sizes[1] < sizes[0] * 2.5  # 100x the items, not 100x the memory
+
+
+def _first_fit_scan(bins: list[float], x: float, capacity: float) -> None:
+    """The textbook First Fit: scan the bins in order (the reference for the tree)."""
+    if x > capacity:
+        full, x = divmod(x, capacity)
+        bins.extend([0.0] * int(full))
+        if x == 0:
+            return
+    for i, room in enumerate(bins):
+        if room >= x:
+            bins[i] = room - x
+            return
+    bins.append(capacity - x)
+
+
+def test_first_fit_tree_chooses_the_same_bin_as_a_scan_after_every_item() -> None:
+    rng = random.Random(4)
+    for trial in range(600):
+        capacity = rng.choice([10.0, 100.0, 128.0, 7.5])
+        draw = [
+            lambda: rng.choice([0, 0.5, 1, 2, 4, 8, 16, 32, 64, 96, 200]) * 1.0,  # sizes of the default domain
+            lambda c=capacity: rng.uniform(0, c * 1.3),  # any size, some larger than a bin
+            lambda: float(rng.randint(0, 30)),
+        ][trial % 3]
+        scan: list[float] = []
+        tree = FirstFitBins(capacity)
+        for _ in range(rng.randint(0, 600)):
+            x = draw()
+            _first_fit_scan(scan, x, capacity)
+            tree.place(x)
+            assert tree.rooms() == scan
