@@ -75,6 +75,15 @@ class Dataset:
         """Every key a source record may carry: the id, the time and the fields."""
         return frozenset((self.event_id, self.event_time, *self.field_names))
 
+    @functools.cached_property
+    def field_checks(self) -> tuple[tuple[FieldSpec, str, str, float, float, int], ...]:
+        """(spec, name, type, min, max, max_length) per field, unbounded ends as -inf/inf: validation's fast path."""
+        inf = float("inf")
+        return tuple(
+            (f, f.name, f.type, -inf if f.min is None else f.min, inf if f.max is None else f.max, f.max_length)
+            for f in self.fields
+        )
+
     def field(self, name: str) -> FieldSpec:
         for f in self.fields:
             if f.name == name:

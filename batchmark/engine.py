@@ -52,14 +52,20 @@ class PartitionState:
         self.watermark_ms = -(2**62)
         self.metrics = [_MetricState(m, aggregate_for(m.kind, m.params)) for m in defs.metrics]
         self.late_events = 0
-        # Metrics with the same window, lateness and grouping share one window start, closed test and group
-        # key per event: (size, lateness, group_by, [(metric state, value fn, the aggregate's add and new)]).
+        # Metrics with the same window, lateness and grouping share one window start, closed test, group key
+        # and window lookup per event: (size, lateness, group_by, members, rows), where members are
+        # (metric state, value fn, the aggregate's add and new) and rows maps a window key to the members'
+        # slots (the same lists as in each metric's own ``windows``).
         plan: dict[tuple[int, int, tuple[str, ...]], list[tuple[Any, ...]]] = {}
         for ms in self.metrics:
             m = ms.metric
             members = plan.setdefault((m.window_ms, m.allowed_lateness_ms, tuple(m.group_by)), [])
             members.append((ms, m.value_fn, ms.agg.add, ms.agg.new))
-        self._plan = [(size, late, keys, members) for (size, late, keys), members in plan.items()]
+        self._plan: list[tuple[int, int, tuple[str, ...], list[tuple[Any, ...]], dict[tuple[int, str], list]]] = [
+            (size, late, keys, members, {}) for (size, late, keys), members in plan.items()
+        ]
+        rows_by_metric = {id(ms): rows for *_, members, rows in self._plan for ms, *_ in members}
+        self._rows_of = [rows_by_metric[id(ms)] for ms in self.metrics]  # by metric index, for forget
 
     def add(self, event: dict[str, Any], offset: int = 0, count_late: bool = True) -> None:
         """Fold one clean event into every metric's open window, or count it late.
@@ -69,7 +75,7 @@ class PartitionState:
         """
         ts = event["event_time_ms"]
         wm = self.watermark_ms
-        for size, lateness, keys, members in self._plan:
+        for size, lateness, keys, members, rows in self._plan:
             start = ts - ts % size  # windows.window_start
             if wm - lateness >= start + size:  # windows.is_closed: the event is late for these metrics
                 if count_late:
@@ -78,11 +84,13 @@ class PartitionState:
                     self.late_events += len(members)
                 continue
             key = (start, str(event[keys[0]]) if len(keys) == 1 else group_key(event, keys))
-            for ms, value_fn, agg_add, agg_new in members:
-                windows = ms.windows
-                slot = windows.get(key)
-                if slot is None:
-                    slot = windows[key] = [agg_new(), 0, offset]
+            row = rows.get(key)
+            if row is None:
+                row = rows[key] = []
+                for ms, _, _, agg_new in members:
+                    slot = ms.windows[key] = [agg_new(), 0, offset]
+                    row.append(slot)
+            for (_, value_fn, agg_add, _), slot in zip(members, row, strict=True):
                 slot[0] = agg_add(slot[0], value_fn(event) if value_fn is not None else 1.0)
                 slot[1] += 1
         if ts > wm:
@@ -114,6 +122,7 @@ class PartitionState:
         """Drop windows whose results are stored."""
         for i, k in keys:
             self.metrics[i].windows.pop(k, None)
+            self._rows_of[i].pop(k, None)
 
     def state_bytes(self) -> dict[str, list[int]]:
         """Memory of every open window's state, per metric (for the accuracy benchmark)."""

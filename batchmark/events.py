@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from batchmark.definitions import Dataset
+from batchmark.definitions import Dataset, FieldSpec
 
 MAX_RECORD_BYTES = 64 * 1024
 
@@ -91,9 +91,9 @@ def parse_event_time(value: Any) -> int | None:
 
 def validate_record(obj: dict[str, Any], ds: Dataset) -> dict[str, Any] | Rejection:
     """Check one record against the dataset schema; return the clean event or the first problem found."""
-    unknown = [k for k in obj if k not in ds.accepted_keys]
-    if unknown:
-        return Rejection("unknown_field", f"unknown field(s): {', '.join(map(str, sorted(unknown)))[:200]}")
+    if not ds.accepted_keys.issuperset(obj):
+        unknown = sorted(map(str, (k for k in obj if k not in ds.accepted_keys)))
+        return Rejection("unknown_field", f"unknown field(s): {', '.join(unknown)[:200]}")
     event_id = obj.get(ds.event_id)
     if event_id is None:
         return Rejection("missing_field", f"missing {ds.event_id}")
@@ -110,27 +110,50 @@ def validate_record(obj: dict[str, Any], ds: Dataset) -> dict[str, Any] | Reject
     if not ds.min_event_time_ms <= ts < ds.max_event_time_ms:
         return Rejection("out_of_range", f"{ds.event_time} {str(raw_time)[:40]} is outside the accepted range")
     event: dict[str, Any] = {"event_id": event_id, "event_time_ms": ts}
-    for spec in ds.fields:
-        value = obj.get(spec.name)
-        if value is None:
-            return Rejection("missing_field", f"missing {spec.name}")
-        if spec.type == "string":
-            if not isinstance(value, str):
-                return Rejection("wrong_type", f"{spec.name} must be a string, got {type(value).__name__}")
-            if not value or len(value) > spec.max_length:
-                return Rejection("out_of_range", f"{spec.name} must have 1..{spec.max_length} characters")
-        else:
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                return Rejection("wrong_type", f"{spec.name} must be a number, got {type(value).__name__}")
-            if spec.type == "int" and not (isinstance(value, int) or float(value).is_integer()):
-                return Rejection("wrong_type", f"{spec.name} must be an integer")
-            value = float(value) if spec.type == "float" else int(value)
-            if not math.isfinite(value):
-                return Rejection("not_finite", f"{spec.name} is {value}")
-            if (spec.min is not None and value < spec.min) or (spec.max is not None and value > spec.max):
-                return Rejection("out_of_range", f"{spec.name}={value} is outside [{spec.min}, {spec.max}]")
-        event[spec.name] = value
+    for spec, name, kind, lo, hi, max_length in ds.field_checks:
+        value = obj.get(name)
+        t = type(value)
+        # the common case, checked inline; anything else goes to _check_field, which has the last word
+        if kind == "string":
+            if t is str and 0 < len(value) <= max_length:
+                event[name] = value
+                continue
+        elif kind == "float":
+            if t is float or t is int:
+                value = float(value)
+                if lo <= value <= hi and value - value == 0.0:  # value - value is nan for +-inf
+                    event[name] = value
+                    continue
+        elif t is int and lo <= value <= hi:
+            event[name] = value
+            continue
+        checked = _check_field(spec, obj.get(name))
+        if isinstance(checked, Rejection):
+            return checked
+        event[name] = checked
     return event
+
+
+def _check_field(spec: FieldSpec, value: Any) -> Any:
+    """One field's value, typed, or the reason it is refused."""
+    if value is None:
+        return Rejection("missing_field", f"missing {spec.name}")
+    if spec.type == "string":
+        if not isinstance(value, str):
+            return Rejection("wrong_type", f"{spec.name} must be a string, got {type(value).__name__}")
+        if not value or len(value) > spec.max_length:
+            return Rejection("out_of_range", f"{spec.name} must have 1..{spec.max_length} characters")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return Rejection("wrong_type", f"{spec.name} must be a number, got {type(value).__name__}")
+    if spec.type == "int" and not (isinstance(value, int) or float(value).is_integer()):
+        return Rejection("wrong_type", f"{spec.name} must be an integer")
+    value = float(value) if spec.type == "float" else int(value)
+    if not math.isfinite(value):
+        return Rejection("not_finite", f"{spec.name} is {value}")
+    if (spec.min is not None and value < spec.min) or (spec.max is not None and value > spec.max):
+        return Rejection("out_of_range", f"{spec.name}={value} is outside [{spec.min}, {spec.max}]")
+    return value
 
 
 def validate(raw: bytes, ds: Dataset) -> dict[str, Any] | Rejection:

@@ -67,3 +67,37 @@ def test_bad_records_are_rejected_with_their_reason(raw: bytes, reason: str) -> 
     assert isinstance(result, Rejection)
     assert result.reason == reason
     assert result.detail
+
+
+def test_fast_path_agrees_with_the_full_field_check_on_every_kind_of_value() -> None:
+    """validate_record checks the usual types inline; _check_field is the rule. They must never disagree."""
+    import dataclasses
+    import random
+
+    from batchmark.definitions import FieldSpec
+    from batchmark.events import _check_field, validate_record
+
+    specs = (
+        FieldSpec("s", "string", max_length=5),
+        FieldSpec("f", "float", min=-2.0, max=3.5),
+        FieldSpec("u", "float"),  # unbounded
+        FieldSpec("i", "int", min=0, max=10),
+    )
+    ds = dataclasses.replace(DS, fields=specs)
+    pool = [None, True, False, 0, 1, -1, 3, 10, 11, -3, 2**70, 0.0, -0.0, 2.5, 3.5, 3.6, -2.0, -2.1, 7.0, 1e308,
+            float("inf"), float("-inf"), float("nan"), "", "a", "abcde", "abcdef", [], {}, "3"]  # fmt: skip
+    rng = random.Random(3)
+    for _ in range(3000):
+        values = {s.name: rng.choice(pool) for s in specs}
+        record = {"event_id": "e", "event_time": 1795514400250, **{k: v for k, v in values.items() if v is not None}}
+        got = validate_record(record, ds)
+        want: dict | Rejection = {"event_id": "e", "event_time_ms": 1795514400250}
+        for s in specs:
+            checked = _check_field(s, values[s.name])
+            if isinstance(checked, Rejection):
+                want = checked
+                break
+            want[s.name] = checked
+        assert got == want and type(got) is type(want), (values, got, want)
+        if isinstance(got, dict):
+            assert [type(got[s.name]) for s in specs] == [str, float, float, int]
