@@ -112,8 +112,8 @@ class Sum(Aggregate):
     def exact(self, values: Sequence[float]) -> tuple[float, Detail]:
         return math.fsum(values), None
 
-    def state_bytes(self, state: FirstFitBins) -> int:
-        return 8 * len(state.tree)
+    def state_bytes(self, state: list[float]) -> int:
+        return 8 * max(1, len(state))
 
 
 class Mean(Aggregate):

@@ -184,3 +184,21 @@ def test_first_fit_tree_chooses_the_same_bin_as_a_scan_after_every_item() -> Non
             _first_fit_scan(scan, x, capacity)
             tree.place(x)
             assert tree.rooms() == scan
+
+
+def test_every_kind_reports_the_memory_of_its_state() -> None:
+    """state_bytes works on each kind's own state and grows no faster than its theory says."""
+    from batchmark.aggregates import AGGREGATES
+
+    params = {"distinct": {"lg_k": 8}, "quantile": {"q": 0.5, "k": 50}, "topk": {"k": 3, "lg_max_map_size": 5},
+              "binpack": {"capacity": 10.0}}  # fmt: skip
+    for kind, cls in AGGREGATES.items():
+        agg = cls(params.get(kind))
+        state = agg.new()
+        for i in range(1000):
+            state = agg.add(state, f"k{i}" if agg.input == "field" else float(i % 7))
+        got = agg.state_bytes(state)
+        if kind == "binpack":  # one room per bin plus the max-tree over them: at most 4 slots per bin
+            assert 8 * len(state) <= got <= 32 * len(state), (len(state), got)
+        else:
+            assert 0 < got <= (5000 if agg.probabilistic else 64), (kind, got)
