@@ -101,10 +101,9 @@ class _Rebalance(ConsumerRebalanceListener):
             for tp in mine:
                 known = committed is not None
                 resume = processor.assign(tp.partition, committed.get(tp) if known else None, check_broker=known)
-                if resume is None:
-                    self.consumer.seek_to_beginning(tp)  # Postgres holds nothing of it: read it all
-                else:
-                    self.consumer.seek(tp, resume)  # the Postgres checkpoint, not the broker's word
+                # the Postgres checkpoint, not the broker's word; with none, from the start (offset 0, or the
+                # earliest one kept: an offset out of range resets to the earliest)
+                self.consumer.seek(tp, 0 if resume is None else resume)
         log.info("%s %s", READY_LINE, sorted(tp.partition for tp in assigned))  # demo.wait_until_ready waits for it
 
     async def _committed(self, tps: list[TopicPartition]) -> dict[TopicPartition, int | None] | None:
@@ -176,6 +175,8 @@ async def _fetch_events() -> None:
     consumer.subscribe([settings.events_topic], listener=_Rebalance(consumer))
     loop = asyncio.get_running_loop()
     try:
+        while not fetched_batches.subscriber_count:  # a batch sent before the agent listens would reach no one
+            await asyncio.sleep(0.05)
         await consumer.start()
         while True:
             records = await consumer.getmany(timeout_ms=int(TAKE_WITHIN * 1000), max_records=TAKE_MAX)
