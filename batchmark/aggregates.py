@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import datasketches as ds
@@ -78,6 +78,14 @@ class Aggregate:
 
     def state_bytes(self, state: Any) -> int:
         return 8
+
+    def in_place_update(self) -> Callable[[Any, Any], None] | None:
+        """A function that folds a value into a state in place, with add's effect (the stream's fast path)."""
+        return None
+
+    def shared_state_key(self) -> tuple[Any, ...] | None:
+        """Metrics of this kind over the same values may share one state when these keys are equal."""
+        return None
 
 
 class Count(Aggregate):
@@ -235,6 +243,12 @@ class Quantile(Aggregate):
     def add(self, state: Any, value: float) -> Any:
         state.update(value)
         return state
+
+    def in_place_update(self) -> Callable[[Any, Any], None] | None:
+        return ds.kll_doubles_sketch.update
+
+    def shared_state_key(self) -> tuple[Any, ...] | None:
+        return ("kll", self.k)  # one sketch answers every quantile: only q differs between such metrics
 
     def result(self, state: Any) -> tuple[float, Detail]:
         return float(state.get_quantile(self.q, True)), None  # inclusive: the same definition as exact()
@@ -414,6 +428,9 @@ class BinPacking(Aggregate):
     def add(self, state: FirstFitBins, value: float) -> FirstFitBins:
         state.place(value)
         return state
+
+    def in_place_update(self) -> Callable[[Any, Any], None] | None:
+        return FirstFitBins.place
 
     def result(self, state: FirstFitBins) -> tuple[float, Detail]:
         return float(len(state)), None

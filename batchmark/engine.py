@@ -53,14 +53,22 @@ class PartitionState:
         self.metrics = [_MetricState(m, aggregate_for(m.kind, m.params)) for m in defs.metrics]
         self.late_events = 0
         # Metrics with the same window, lateness and grouping share one window start, closed test, group key
-        # and window lookup per event: (size, lateness, group_by, members, rows), where members are
-        # (metric state, value fn, the aggregate's add and new) and rows maps a window key to the members'
-        # slots (the same lists as in each metric's own ``windows``).
+        # and window lookup per event: (size, lateness, group_by, members, rows). rows maps a window key to
+        # the members' slots (the same lists as in each metric's own ``windows``). A member is (metric state,
+        # value fn, add, in-place update or None, new, leader): leader is the index of an earlier member whose
+        # state this one reads (same value, same sketch: one KLL serves p50, p95 and p99), else -1.
         plan: dict[tuple[int, int, tuple[str, ...]], list[tuple[Any, ...]]] = {}
+        owners: dict[tuple[Any, ...], int] = {}
         for ms in self.metrics:
-            m = ms.metric
-            members = plan.setdefault((m.window_ms, m.allowed_lateness_ms, tuple(m.group_by)), [])
-            members.append((ms, m.value_fn, ms.agg.add, ms.agg.new))
+            m, agg = ms.metric, ms.agg
+            grouping = (m.window_ms, m.allowed_lateness_ms, tuple(m.group_by))
+            members = plan.setdefault(grouping, [])
+            share = agg.shared_state_key()
+            leader = -1
+            if share is not None and m.value_expr is not None:
+                leader = owners.setdefault((grouping, m.value_expr, share), len(members))
+                leader = -1 if leader == len(members) else leader
+            members.append((ms, m.value_fn, agg.add, agg.in_place_update(), agg.new, leader))
         self._plan: list[tuple[int, int, tuple[str, ...], list[tuple[Any, ...]], dict[tuple[int, str], list]]] = [
             (size, late, keys, members, {}) for (size, late, keys), members in plan.items()
         ]
@@ -87,11 +95,16 @@ class PartitionState:
             row = rows.get(key)
             if row is None:
                 row = rows[key] = []
-                for ms, _, _, agg_new in members:
-                    slot = ms.windows[key] = [agg_new(), 0, offset]
+                for ms, _, _, _, agg_new, leader in members:
+                    slot = ms.windows[key] = [agg_new() if leader < 0 else row[leader][0], 0, offset]
                     row.append(slot)
-            for (_, value_fn, agg_add, _), slot in zip(members, row, strict=True):
-                slot[0] = agg_add(slot[0], value_fn(event) if value_fn is not None else 1.0)
+            for (_, value_fn, agg_add, update, _, leader), slot in zip(members, row, strict=True):
+                if leader < 0:
+                    value = value_fn(event) if value_fn is not None else 1.0
+                    if update is not None:
+                        update(slot[0], value)
+                    else:
+                        slot[0] = agg_add(slot[0], value)
                 slot[1] += 1
         if ts > wm:
             self.watermark_ms = ts

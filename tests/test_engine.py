@@ -89,3 +89,31 @@ def test_exact_sum_is_order_independent_and_equals_fsum() -> None:
 def test_window_start() -> None:
     assert window_start(T0 + 59_999, 60_000) == T0
     assert window_start(T0 + 60_000, 60_000) == T0 + 60_000
+
+
+def test_quantiles_of_the_same_value_share_one_sketch_and_each_reads_its_own_q() -> None:
+    import dataclasses
+
+    defaults = load_definitions(Path(__file__).parents[1] / "batchmark" / "metrics.toml")
+    # a fourth quantile with another k must keep a sketch of its own
+    p90 = dataclasses.replace(defaults.metric("duration_p50"), name="duration_p90_k64", params={"q": 0.9, "k": 64})
+    defs = dataclasses.replace(defaults, metrics=(*defaults.metrics, p90))
+    st = PartitionState(defs)
+    rng = random.Random(6)
+    durations = [rng.lognormvariate(4, 1.2) for _ in range(5000)]
+    for i, d in enumerate(durations):
+        st.add(ev(i, T0 + i, dur=d), offset=i)
+    slots = {ms.metric.name: next(iter(ms.windows.values())) for ms in st.metrics}
+    shared = slots["duration_p50"][0]
+    assert slots["duration_p95"][0] is shared and slots["duration_p99"][0] is shared
+    assert slots["duration_p90_k64"][0] is not shared and slots["duration_p90_k64"][0].k == 64
+    assert shared.n == 5000 and all(slots[m][1] == 5000 for m in ("duration_p50", "duration_p95", "duration_p99"))
+    st.advance(T0 + 2 * 3_600_000)
+    rows = {r.metric: r for r in st.close_ready()[0]}
+    ordered = sorted(durations)
+    for name in ("duration_p50", "duration_p95", "duration_p99", "duration_p90_k64"):
+        agg = defs.metric(name).aggregate
+        assert rows[name].n_events == 5000
+        assert rows[name].value == shared.get_quantile(agg.q, True) or name == "duration_p90_k64"
+        assert agg.error(rows[name].value, None, ordered) <= agg.bound(), name
+    assert rows["duration_p50"].value < rows["duration_p95"].value < rows["duration_p99"].value
