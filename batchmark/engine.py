@@ -109,6 +109,14 @@ class PartitionState:
         if ts > wm:
             self.watermark_ms = ts
 
+    def has_closed_windows(self) -> bool:
+        """Whether some open window is closed under the current watermark (its result can be written)."""
+        wm = self.watermark_ms
+        for size, lateness, _, _, rows in self._plan:
+            if rows and wm - lateness >= min(k[0] for k in rows) + size:
+                return True
+        return False
+
     def advance(self, watermark_ms: int) -> None:
         """Move the watermark forward (e.g. an end-of-stream punctuation); never backwards."""
         if watermark_ms > self.watermark_ms:

@@ -33,11 +33,13 @@ def test_window_closes_only_after_lateness() -> None:
     st.add(ev(1, T0 + 1_000), offset=0)
     st.add(ev(2, T0 + 60_000 + 29_000), offset=1)  # watermark: end of window 0 + 29 s < lateness 30 s
     assert st.close_ready()[0] == []
+    assert not st.has_closed_windows()
     st.add(ev(3, T0 + 60_000 + 30_000), offset=2)
+    assert st.has_closed_windows()  # the worker checkpoints soon after this, not a full interval later
     rows, keys = st.close_ready()
     assert {(r.metric, r.window_start_ms, r.value) for r in rows} == {("jobs", T0, 1.0), ("cpu_seconds", T0, 10.0)}
     st.forget(keys)
-    assert st.close_ready()[0] == []
+    assert st.close_ready()[0] == [] and not st.has_closed_windows()
 
 
 def test_late_event_is_counted_not_added() -> None:
