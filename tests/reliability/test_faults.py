@@ -1,9 +1,11 @@
-"""Faults: a worker killed with SIGKILL at random points loses nothing and double-counts nothing.
+"""Faults: a worker killed with SIGKILL at random points, or partitions moving between workers, loses nothing
+and double-counts nothing.
 
-One generated day (out-of-order, late, duplicated and malformed records included) is streamed twice on
-fresh topics: once without faults (the reference), once with three SIGKILLs of the worker at random moments
-of its processing, each followed by a restart. The final stream results, late counts, dead letters and lake
-contents of the two runs must be the same.
+One generated day (out-of-order, late, duplicated and malformed records included) is streamed on fresh topics:
+once without faults (the reference), once with three SIGKILLs of the worker at random moments of its
+processing, each followed by a restart, and once with a second worker joining mid-stream and the first one
+leaving before the end (two rebalances). The final stream results, late counts, dead letters and lake contents
+must be the same as the reference's.
 """
 
 from __future__ import annotations
@@ -70,9 +72,10 @@ def _lake_records(settings: config.Settings, epochs: set[str]) -> tuple[int, int
     return total, len(keys)
 
 
-def test_three_sigkills_change_nothing(pg_url: str, broker, home: Path) -> None:  # noqa: ANN001
+@pytest.fixture(scope="module")
+def reference(pg_url: str, broker, home: Path):  # noqa: ANN001, ANN201
+    """The day, its manifest, and its results and late counts streamed without faults."""
     defs = load_definitions(config.load().definitions_path)
-    lateness = max(m.allowed_lateness_ms for m in defs.metrics)
     data = home / "faults.jsonl"
     manifest = generate(
         GeneratorConfig(
@@ -80,12 +83,27 @@ def test_three_sigkills_change_nothing(pg_url: str, broker, home: Path) -> None:
         ),
         data,
     )
-
-    # the reference: no faults
     ref = _use_topic("faults-reference")
     stream_day(ref, defs, data, DAY, home / "worker-faults-reference.log", timeout_s=300)
     ref_results, ref_late = _snapshot(pg_url, DAY)
+    return defs, data, manifest, ref_results, ref_late
 
+
+def _same_as_reference(results: dict, late: dict, reference: tuple, note: object) -> None:
+    defs, _, _, ref_results, ref_late = reference
+    only_ref = sorted(ref_results.keys() - results.keys())[:5]
+    only_here = sorted(results.keys() - ref_results.keys())[:5]
+    assert not only_ref and not only_here, (only_ref, only_here, note)
+    assert {k: v[1] for k, v in results.items()} == {k: v[1] for k, v in ref_results.items()}  # events per window
+    kinds = {m.name: m.kind for m in defs.metrics}
+    deterministic = {k: v for k, v in results.items() if kinds[k[0]] != "quantile"}
+    assert deterministic == {k: v for k, v in ref_results.items() if kinds[k[0]] != "quantile"}
+    assert late == ref_late and sum(late.values()) > 0
+
+
+def test_three_sigkills_change_nothing(pg_url: str, home: Path, reference) -> None:  # noqa: ANN001
+    defs, data, manifest, _, _ = reference
+    lateness = max(m.allowed_lateness_ms for m in defs.metrics)
     # the same day with three SIGKILLs at random moments of the processing
     faulty = _use_topic("faults-killed")
     replay(data, faulty.bootstrap_servers, faulty.events_topic, defs, progress=False)
@@ -114,14 +132,7 @@ def test_three_sigkills_change_nothing(pg_url: str, broker, home: Path) -> None:
 
     assert any(0 < k < manifest.records for k in kills), f"no kill landed mid-stream: {kills}"
     assert log.read_text().count("resuming at offset") >= 3  # each restart resumed from a checkpoint
-    only_ref = sorted(ref_results.keys() - results.keys())[:5]
-    only_faulty = sorted(results.keys() - ref_results.keys())[:5]
-    assert not only_ref and not only_faulty, (only_ref, only_faulty, kills)
-    assert {k: v[1] for k, v in results.items()} == {k: v[1] for k, v in ref_results.items()}  # events per window
-    kinds = {m.name: m.kind for m in defs.metrics}
-    deterministic = {k: v for k, v in results.items() if kinds[k[0]] != "quantile"}
-    assert deterministic == {k: v for k, v in ref_results.items() if kinds[k[0]] != "quantile"}
-    assert late == ref_late and sum(late.values()) > 0
+    _same_as_reference(results, late, reference, kills)
     # dead letters are at-least-once: a kill between sending and the checkpoint can repeat one, never lose one
     assert len({(d["partition"], d["offset"]) for d in dead}) == manifest.malformed <= len(dead)
     # the lake: one epoch per partition, every valid record landed, re-landings only of the same records
@@ -133,4 +144,64 @@ def test_three_sigkills_change_nothing(pg_url: str, broker, home: Path) -> None:
         f"\nfaults: 3 SIGKILLs at checkpointed offsets {kills}; {manifest.records} records replayed; "
         f"{len(results)} windows compared; differences: 0; dead letters {len(dead)} for "
         f"{manifest.malformed} malformed; lake re-landings {landed - distinct}"
+    )
+
+
+def _processed(url: str, topic: str) -> int:
+    with storage.transaction(url) as cur:
+        cur.execute("SELECT coalesce(sum(next_offset), 0) FROM stream.checkpoints WHERE topic = %s", (topic,))
+        return int(cur.fetchone()[0])
+
+
+def test_partitions_moving_between_two_workers_change_nothing(pg_url: str, home: Path, reference) -> None:  # noqa: ANN001
+    """Worker A reads a third of the day alone; B joins (A gives up a partition); A leaves (B takes it over)."""
+    defs, data, manifest, _, _ = reference
+    lateness = max(m.allowed_lateness_ms for m in defs.metrics)
+    moved = _use_topic("faults-rebalanced")
+    lines = data.read_bytes().splitlines(keepends=True)
+    cuts = [0, len(lines) // 3, 2 * len(lines) // 3, len(lines) - 500, len(lines)]
+    parts = [home / f"rebalance-{i}.jsonl" for i in range(4)]
+    for i, part in enumerate(parts):
+        part.write_bytes(b"".join(lines[cuts[i] : cuts[i + 1]]))
+
+    def send(part: Path, end_watermark: bool = False) -> None:  # the last part carries the day's end punctuation
+        replay(part, moved.bootstrap_servers, moved.events_topic, defs, progress=False, end_watermark=end_watermark)
+
+    log_a, log_b = home / "worker-rebalance-a.log", home / "worker-rebalance-b.log"
+    a = start_worker(moved, log_a)
+    b = None
+    try:
+        wait_until_ready(a, log_a)
+        send(parts[0])
+        deadline = time.monotonic() + 60
+        while _processed(pg_url, moved.events_topic) == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        send(parts[1])
+        b = start_worker(moved, log_b)  # joins while A works through the second third
+        wait_until_ready(b, log_b)
+        send(parts[2])
+        before_a_left = _processed(pg_url, moved.events_topic)
+        stop(a)  # a graceful leave: B is assigned A's partition and resumes it from A's last checkpoint
+        send(parts[3], end_watermark=True)
+        wait_for_day(moved, DAY, lateness, b, log_b, timeout_s=300)
+        dead = asyncio.run(_read_topic(moved.bootstrap_servers, moved.dlq_topic, manifest.malformed))
+    finally:
+        stop(a)
+        stop(b)
+    results, late = _snapshot(pg_url, DAY)
+
+    text_a, text_b = log_a.read_text(), log_b.read_text()
+    assert "events consumer assigned partitions [0, 1]" in text_a  # A had both partitions at first
+    ready = "events consumer assigned partitions"  # streaming.app.READY_LINE
+    assignments_b = [ln.rsplit(ready, 1)[1].strip() for ln in text_b.splitlines() if ready in ln]
+    assert assignments_b[0] in ("[0]", "[1]") and assignments_b[-1] == "[0, 1]", assignments_b  # one, then both
+    assert 0 < before_a_left < manifest.records, before_a_left  # the hand-over happened mid-stream
+    _same_as_reference(results, late, reference, (assignments_b, before_a_left))
+    assert len({(d["partition"], d["offset"]) for d in dead}) == manifest.malformed <= len(dead)
+    epochs = _epochs(pg_url, moved.events_topic)
+    landed, distinct = _lake_records(moved, epochs)
+    assert distinct == manifest.valid_events <= landed
+    print(
+        f"\nrebalance: B's assignments {assignments_b}; {before_a_left} records checkpointed when A left; "
+        f"{len(results)} windows compared; differences: 0; lake re-landings {landed - distinct}"
     )
