@@ -4,7 +4,7 @@
     .venv/bin/python bench/stream/profile_summary.py PROFILE.txt
 
 Prints the share of samples per part of the per-record path: idle (waiting in select), the Faust/aiokafka/
-asyncio machinery that delivers each message, and our code (validate, lake, engine.add by metric kind,
+asyncio machinery that delivers the records, and our code (validate, lake, engine.add by metric kind,
 checkpoint), plus the top functions by self time.
 """
 
@@ -59,7 +59,7 @@ def category(fs: list[tuple[str, str]]) -> str:
     if any("aiokafka" in f for f in files):
         return "aiokafka (fetch, decode record batches)"
     if any("/faust/" in f or f.startswith("faust/") for f in files):
-        return "faust per-message path (consumer, conductor, stream, take)"
+        return "faust (its consumer, channel and agent stream; per batch since the aiokafka fetcher)"
     if any("/mode/" in f or f.startswith("mode/") for f in files):
         return "mode (service waits)"
     return "asyncio / other"

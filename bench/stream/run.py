@@ -420,7 +420,7 @@ def compare(name: str, got: dict, want: dict) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--events", type=int, default=400_000)
+    ap.add_argument("--events", type=int, default=800_000)
     ap.add_argument("--workers", type=int, default=1, help="product workers (the textbook app always runs 1)")
     ap.add_argument("--partitions", type=int, default=2)
     ap.add_argument("--tenants", type=int, default=32)
