@@ -76,3 +76,5 @@ def test_restart_during_truth_write_keeps_the_old_day_then_the_next_run_succeeds
         assert _day(url) == (1440 * 300, {2.0})
     finally:
         server.cleanup()
+        if (server.pgdata / "postmaster.pid").exists():  # cleanup stops only on the last handle: stop it here
+            pg_ctl(["-m", "fast", "-w", "stop"], pgdata=server.pgdata, user=server.system_user)
