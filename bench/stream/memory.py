@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,10 +38,11 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import BIN, CPUS, MEMS, Sampler, _log, stop_proc  # noqa: E402
+from run import CPUS, MEMS, Sampler, fresh_database, start_product_worker, stop_proc  # noqa: E402
 
 from batchmark import storage  # noqa: E402
 from batchmark.broker import EmbeddedBroker, create_topics  # noqa: E402
+from batchmark.demo import wait_until_ready  # noqa: E402
 
 
 async def produce_live(bootstrap: str, topic: str, rate: int, seconds: float, users: int, seed: int) -> dict:
@@ -114,10 +114,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="bm-bench-memory-"))
     url = os.environ.get("BENCH_MEM_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/batchmark_bench_mem")
-    storage.ensure_database(url)
-    with storage.transaction(url) as cur:
-        cur.execute("DROP SCHEMA IF EXISTS stream, truth, quality CASCADE")
-    storage.init_schema(url)
+    fresh_database(url)
     broker = EmbeddedBroker(log_path=work / "broker.log").start()
     topic = "mem-events"
     worker = None
@@ -131,23 +128,11 @@ def main() -> int:
             "BATCHMARK_EVENTS_TOPIC": topic,
             "BATCHMARK_DLQ_TOPIC": topic + ".dlq",
             "BATCHMARK_PARTITIONS": str(args.partitions),
-            "PYTHONPATH": str(REPO),
         }
         env.pop("BATCHMARK_BENCH_STATS", None)
         log = work / "worker.log"
-        worker = subprocess.Popen(
-            [str(BIN / "faust"), "-A", "streaming.app", "worker", "--without-web", "-l", "info"],
-            cwd=work,
-            env=env,
-            stdout=_log(log),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.time() + 120
-        while b"events consumer assigned partitions" not in log.read_bytes():
-            if worker.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"worker did not start; see {log}")
-            time.sleep(0.3)
+        worker = start_product_worker(env, work, log)
+        wait_until_ready(worker, log)
 
         sampler = Sampler([worker.pid], every=1.0)
         progress: list[tuple[float, int]] = []

@@ -206,6 +206,26 @@ def stop_proc(proc: subprocess.Popen) -> None:
             proc.wait(10)
 
 
+def fresh_database(url: str) -> None:
+    """The bench's own database, with the product's schemas dropped and created again."""
+    storage.ensure_database(url)
+    with storage.transaction(url) as cur:
+        cur.execute("DROP SCHEMA IF EXISTS stream, truth, quality CASCADE")
+    storage.init_schema(url)
+
+
+def start_product_worker(env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
+    """The product's worker, as `faust -A streaming.app worker` runs it, logging to `log`."""
+    return subprocess.Popen(
+        [str(BIN / "faust"), "-A", "streaming.app", "worker", "--without-web", "-l", "info"],
+        cwd=cwd,
+        env={**env, "PYTHONPATH": str(REPO)},
+        stdout=_log(log),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
 def percentiles(xs: list[float]) -> dict[str, float | None]:
     if not xs:
         return {"n": 0, "p50": None, "p90": None, "p99": None, "max": None}
@@ -236,17 +256,7 @@ def run_product(
         wdir.mkdir()
         stats_files.append(wdir / "stats.json")
         logs.append(wdir / "worker.log")
-        wenv = {**env, "BATCHMARK_BENCH_STATS": str(stats_files[-1]), "PYTHONPATH": str(REPO)}
-        procs.append(
-            subprocess.Popen(
-                [str(BIN / "faust"), "-A", "streaming.app", "worker", "--without-web", "-l", "info"],
-                cwd=wdir,
-                env=wenv,
-                stdout=_log(logs[-1]),
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        )
+        procs.append(start_product_worker({**env, "BATCHMARK_BENCH_STATS": str(stats_files[-1])}, wdir, logs[-1]))
     sampler = Sampler([p.pid for p in procs])
     spy = None
     t_start = time.time()
@@ -448,10 +458,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bm-bench-stream-"))
     run_id = uuid.uuid4().hex[:6]
     url = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/batchmark_bench")
-    storage.ensure_database(url)
-    with storage.transaction(url) as cur:
-        cur.execute("DROP SCHEMA IF EXISTS stream, truth, quality CASCADE")
-    storage.init_schema(url)
+    fresh_database(url)
     defs = load_definitions(REPO / "batchmark" / "metrics.toml")
     assert {m.name for m in defs.metrics} >= {"jobs", "cpu_seconds"}
 
