@@ -12,7 +12,7 @@ from typing import Any
 
 from batchmark.aggregates import Aggregate, aggregate_for
 from batchmark.definitions import Definitions, Metric
-from batchmark.windows import is_closed
+from batchmark.windows import is_closed, window_start
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +36,8 @@ class _MetricState:
     windows: dict[tuple[int, str], list[Any]] = field(default_factory=dict)
     # window_start -> events dropped because they came after the window closed
     late: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    # the rows of its plan group in PartitionState (shared with the metrics of the same window and grouping)
+    rows: dict[tuple[int, str], list[list[Any]]] = field(default_factory=dict)
 
 
 def group_key(event: dict[str, Any], keys: tuple[str, ...]) -> str:
@@ -58,11 +60,13 @@ class PartitionState:
         # value fn, add, in-place update or None, new, leader): leader is the index of an earlier member whose
         # state this one reads (same value, same sketch: one KLL serves p50, p95 and p99), else -1.
         plan: dict[tuple[int, int, tuple[str, ...]], list[tuple[Any, ...]]] = {}
+        rows_of: dict[tuple[int, int, tuple[str, ...]], dict[tuple[int, str], list[list[Any]]]] = {}
         owners: dict[tuple[Any, ...], int] = {}
         for ms in self.metrics:
             m, agg = ms.metric, ms.agg
             grouping = (m.window_ms, m.allowed_lateness_ms, tuple(m.group_by))
             members = plan.setdefault(grouping, [])
+            ms.rows = rows_of.setdefault(grouping, {})
             share = agg.shared_state_key()
             leader = -1
             if share is not None and m.value_expr is not None:
@@ -70,10 +74,8 @@ class PartitionState:
                 leader = -1 if leader == len(members) else leader
             members.append((ms, m.value_fn, agg.add, agg.in_place_update(), agg.new, leader))
         self._plan: list[tuple[int, int, tuple[str, ...], list[tuple[Any, ...]], dict[tuple[int, str], list]]] = [
-            (size, late, keys, members, {}) for (size, late, keys), members in plan.items()
+            (size, late, keys, members, rows_of[(size, late, keys)]) for (size, late, keys), members in plan.items()
         ]
-        rows_by_metric = {id(ms): rows for *_, members, rows in self._plan for ms, *_ in members}
-        self._rows_of = [rows_by_metric[id(ms)] for ms in self.metrics]  # by metric index, for forget
 
     def add(self, event: dict[str, Any], offset: int = 0, count_late: bool = True) -> None:
         """Fold one clean event into every metric's open window, or count it late.
@@ -84,14 +86,14 @@ class PartitionState:
         ts = event["event_time_ms"]
         wm = self.watermark_ms
         for size, lateness, keys, members, rows in self._plan:
-            start = ts - ts % size  # windows.window_start
-            if wm - lateness >= start + size:  # windows.is_closed: the event is late for these metrics
+            start = window_start(ts, size)
+            if is_closed(start, size, lateness, wm):  # the event is late for these metrics
                 if count_late:
                     for ms, *_ in members:
                         ms.late[start] += 1
                     self.late_events += len(members)
                 continue
-            key = (start, str(event[keys[0]]) if len(keys) == 1 else group_key(event, keys))
+            key = (start, group_key(event, keys))
             row = rows.get(key)
             if row is None:
                 row = rows[key] = []
@@ -113,7 +115,7 @@ class PartitionState:
         """Whether some open window is closed under the current watermark (its result can be written)."""
         wm = self.watermark_ms
         for size, lateness, _, _, rows in self._plan:
-            if rows and wm - lateness >= min(k[0] for k in rows) + size:
+            if rows and is_closed(min(k[0] for k in rows), size, lateness, wm):
                 return True
         return False
 
@@ -143,7 +145,7 @@ class PartitionState:
         """Drop windows whose results are stored."""
         for i, k in keys:
             self.metrics[i].windows.pop(k, None)
-            self._rows_of[i].pop(k, None)
+            self.metrics[i].rows.pop(k, None)
 
     def state_bytes(self) -> dict[str, list[int]]:
         """Memory of every open window's state, per metric (for the accuracy benchmark)."""

@@ -83,8 +83,6 @@ class LakeWriter:
         """Write every buffered day to its own file; returns the files written."""
         written = []
         for day, rows in self._rows.items():
-            if not rows:
-                continue
             n = len(rows)
             columns = list(zip(*rows, strict=True))
             arrays = [pa.array(col, type=self.schema.field(i).type) for i, col in enumerate(columns[:-2])]
