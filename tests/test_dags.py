@@ -1,4 +1,5 @@
-"""Every DAG file imports, is tagged and retries (Astronomer's template checks)."""
+"""Every DAG file imports, is documented, owned, tagged and retries (Astronomer's template checks), and the two
+DAGs are wired as documented: nightly_recompute publishes the truth Asset that schedules validate_accuracy."""
 
 from __future__ import annotations
 
@@ -6,6 +7,12 @@ import os
 
 import pytest
 from airflow.dag_processing.dagbag import DagBag
+from airflow.sdk import ExceptionRetryPolicy
+
+from batchmark import orchestration
+from batchmark.airflow_plugin import NightlyTimetable
+
+DAG_IDS = {"nightly_recompute", "validate_accuracy"}
 
 
 @pytest.fixture(scope="module")
@@ -15,66 +22,87 @@ def dagbag() -> DagBag:
 
 def test_no_import_errors(dagbag: DagBag) -> None:
     assert dagbag.import_errors == {}
-    assert "nightly_recompute" in dagbag.dags
+    assert set(dagbag.dags) == DAG_IDS
 
 
-def test_dags_are_tagged_and_retry(dagbag: DagBag) -> None:
+def test_dags_are_documented_owned_tagged_and_retry(dagbag: DagBag) -> None:
     for dag_id, dag in dagbag.dags.items():
-        assert dag.tags, f"{dag_id} has no tags"
+        assert dag.tags and "batchmark" in dag.tags, dag_id
+        assert dag.doc_md and dag_id in dag.doc_md.splitlines()[0], dag_id
+        assert dag.description, dag_id
+        assert dag.params["date"] is None, dag_id
         for t in dag.tasks:
-            if t.task_id != "check_accuracy":
+            assert t.owner == orchestration.OWNER, (dag_id, t.task_id)
+            assert t.on_failure_callback, (dag_id, t.task_id)
+            assert isinstance(t.retry_policy, ExceptionRetryPolicy), (dag_id, t.task_id)
+            if t.task_id != "check_accuracy":  # an accuracy failure is a finding, not a transient error
                 assert t.retries >= 2, f"{dag_id}.{t.task_id} does not retry"
+                assert t.retry_exponential_backoff and t.retry_delay.total_seconds() == 30, t.task_id
+            else:
+                assert t.retries == 0
 
 
 def test_nightly_recompute_shape(dagbag: DagBag) -> None:
     dag = dagbag.dags["nightly_recompute"]
     order = {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks}
+    assert order == {"wait_for_lake_day": ["spark_recompute"], "spark_recompute": []}
+    assert isinstance(dag.timetable, NightlyTimetable)
+    assert dag.timetable.summary == orchestration.NIGHTLY_CRON
+    # A scheduled run waiting for its day must not block a manual run for another day; one Spark at a time.
+    assert dag.max_active_runs >= 2
+    spark = dag.get_task("spark_recompute")
+    assert spark.max_active_tis_per_dag == 1
+    assert [a.uri for a in spark.outlets] == [orchestration.TRUTH_ASSET_URI]
+    sensor = dag.get_task("wait_for_lake_day")
+    assert sensor.mode == "reschedule" and sensor.timeout == 6 * 3600
+
+
+def test_validate_accuracy_runs_on_the_truth_asset(dagbag: DagBag) -> None:
+    dag = dagbag.dags["validate_accuracy"]
+    order = {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks}
     assert order == {
-        "wait_for_lake_day": ["spark_recompute"],
-        "spark_recompute": ["validate_with_gx"],
+        "days_to_validate": ["validate_with_gx"],
         "validate_with_gx": ["check_accuracy"],
         "check_accuracy": [],
     }
-    assert dag.params["date"] is None
+    assert dag.timetable.asset_condition.uri == orchestration.TRUTH_ASSET_URI
+    assert [a.uri for a in dag.get_task("validate_with_gx").outlets] == [orchestration.ACCURACY_ASSET_URI]
+    assert dag.params["metrics"] == []
+    assert dag.is_paused_upon_creation is False  # triggering nightly_recompute must be enough
 
 
-def test_tasks_retry_with_exponential_backoff(dagbag: DagBag) -> None:
-    dag = dagbag.dags["nightly_recompute"]
-    for t in dag.tasks:
-        if t.task_id != "check_accuracy":  # an accuracy failure is a finding, not a transient error
-            assert t.retry_exponential_backoff and t.retry_delay.total_seconds() == 30, t.task_id
-        assert t.on_failure_callback, t.task_id
-
-
-def test_failure_callback_records_what_failed(dagbag: DagBag, pg_url: str) -> None:
-    import sys
+def test_failure_callback_records_what_failed(pg_url: str) -> None:
+    from datetime import UTC, datetime
 
     from batchmark import storage
-
-    fileloc = dagbag.dags["nightly_recompute"].fileloc  # the DAG file's module, as the DagBag loaded it
-    module = next(m for m in list(sys.modules.values()) if getattr(m, "__file__", None) == fileloc)
 
     class TI:
         task_id = "spark_recompute"
 
-    module.record_failure(
-        {
-            "task_instance": TI(),
-            "run_id": "manual__test",
-            "params": {"date": "2026-11-24"},
-            "exception": RuntimeError("spark recompute for 2026-11-24 failed (exit 2)"),
-        }
-    )
-    with storage.transaction(pg_url) as cur:
-        cur.execute(
-            "SELECT dag_id, task_id, run_id, day, error FROM quality.task_failures WHERE run_id = %s", ("manual__test",)
+    for run_id, params, interval_start, day in (
+        ("manual__test", {"date": "2026-11-24"}, None, "2026-11-24"),
+        ("scheduled__2026-11-20", {"date": None}, datetime(2026, 11, 20, tzinfo=UTC), "2026-11-20"),
+    ):
+        orchestration.record_failure(
+            "nightly_recompute",
+            {
+                "task_instance": TI(),
+                "run_id": run_id,
+                "params": params,
+                "data_interval_start": interval_start,
+                "exception": RuntimeError(f"spark recompute for {day} failed (exit 2)"),
+            },
         )
-        assert cur.fetchall() == [
-            (
-                "nightly_recompute",
-                "spark_recompute",
-                "manual__test",
-                "2026-11-24",
-                "RuntimeError('spark recompute for 2026-11-24 failed (exit 2)')",
+        with storage.transaction(pg_url) as cur:
+            cur.execute(
+                "SELECT dag_id, task_id, run_id, day, error FROM quality.task_failures WHERE run_id = %s", (run_id,)
             )
-        ]
+            assert cur.fetchall() == [
+                (
+                    "nightly_recompute",
+                    "spark_recompute",
+                    run_id,
+                    day,
+                    f"RuntimeError('spark recompute for {day} failed (exit 2)')",
+                )
+            ]

@@ -1,0 +1,106 @@
+"""validate_accuracy: Great Expectations measures how accurate the stream was against a day's batch truth.
+
+**When it runs.** On the Asset `batchmark://truth/results`: each time `nightly_recompute` writes a day's
+truth, this DAG validates that day. Truth written for several days before it starts (a backfill) is validated
+in one run, one mapped task per day (the task's label is the day). Trigger it by hand with the `date` Param
+to validate a day again (for instance after changing a tolerance), optionally for some `metrics` only.
+
+    days_to_validate  ->  validate_with_gx[day]  ->  check_accuracy[day]
+
+1. days_to_validate: the `date` Param, else the days named by the truth Asset events that triggered the run.
+2. validate_with_gx: the GX checkpoint compares stream.results with truth.results for the day (completeness:
+   every truth window has a stream row; accuracy: each metric's error within its tolerance), updates the Data
+   Docs, appends to quality.accuracy_history and publishes the Asset `batchmark://quality/accuracy_history`.
+3. check_accuracy: fails the day's task when a metric is out of tolerance -- that is the accuracy alert; the
+   message is the summary line and where the report is.
+
+A configuration error (a bad date, an unknown metric, no truth for the day) fails at once; an unreachable
+service is retried with exponential backoff. Every failure is recorded in quality.task_failures.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from airflow.sdk import DAG, Param, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
+
+from batchmark import orchestration
+
+TRUTH = orchestration.truth_asset()
+ACCURACY = orchestration.accuracy_asset()
+
+with DAG(
+    dag_id="validate_accuracy",
+    description="GX validation of the stream against a day's batch truth: accuracy report and history",
+    schedule=TRUTH,
+    start_date=datetime(2026, 1, 1, tzinfo=UTC),
+    catchup=False,
+    max_active_runs=2,
+    is_paused_upon_creation=False,  # it only runs when truth is written: triggering nightly_recompute is enough
+    tags=["batchmark", "validation"],
+    params={
+        "date": orchestration.date_param("Day to validate. Empty: the days whose batch truth triggered this run."),
+        "metrics": Param(
+            [],
+            type="array",
+            items={"type": "string", "pattern": r"^[a-z][a-z0-9_]{0,62}$"},
+            title="Metrics",
+            description="Validate only these metrics (names from the definitions file). Empty: all of them.",
+        ),
+    },
+    default_args=orchestration.default_args("validate_accuracy"),
+    doc_md=__doc__,
+) as dag:
+
+    @task
+    def days_to_validate() -> list[str]:
+        """The `date` Param, else every day named by the triggering truth Asset events."""
+        ctx = get_current_context()
+        if (ctx["params"] or {}).get("date"):
+            return [orchestration.context_day().isoformat()]
+        events = (
+            [e.extra for e in ctx["triggering_asset_events"].get(TRUTH, [])]
+            if ctx.get("triggering_asset_events")
+            else []
+        )
+        days = orchestration.days_from_asset_events(events)
+        if not days:
+            from batchmark.errors import ConfigError
+
+            raise ConfigError("no day to validate: give the `date` Param (YYYY-MM-DD) when triggering by hand")
+        return [d.isoformat() for d in days]
+
+    @task(outlets=[ACCURACY], map_index_template="{{ day }}")
+    def validate_with_gx(day: str) -> dict[str, Any]:
+        """Run the GX checkpoint for one day; returns pass/fail, the summary line and the Data Docs page."""
+        import dataclasses
+
+        from batchmark import config, validation
+        from batchmark.definitions import load_definitions
+        from batchmark.windows import parse_day
+
+        ctx = get_current_context()
+        ctx["day"] = day  # type: ignore[typeddict-unknown-key]  # the mapped task's label in the UI
+        settings = config.load()
+        defs = load_definitions(settings.definitions_path)
+        wanted = (ctx["params"] or {}).get("metrics") or []
+        if wanted:  # an unknown name is refused with the list of known ones
+            defs = dataclasses.replace(defs, metrics=tuple(defs.metric(name) for name in wanted))
+        report = validation.validate_day(settings, defs, parse_day(day), orchestration.context_run_id())
+        print(report.summary_line())
+        ctx["outlet_events"][ACCURACY].extra = {"day": day, "success": report.success}
+        return {"day": day, "success": report.success, "summary": report.summary_line(), "docs": str(report.docs_index)}
+
+    @task(retries=0, map_index_template="{{ day }}")
+    def check_accuracy(result: dict[str, Any]) -> str:
+        """Fail when the stream was out of tolerance on the day: the accuracy alert."""
+        get_current_context()["day"] = result["day"]  # type: ignore[typeddict-unknown-key]
+        if not result["success"]:
+            raise AirflowFailException(
+                f"stream accuracy out of tolerance: {result['summary']} (report: {result['docs']})"
+            )
+        return result["summary"]
+
+    check_accuracy.expand(result=validate_with_gx.expand(day=days_to_validate()))
