@@ -27,6 +27,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1024 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port between 1024 and 65535")
+    return value
+
+
 def _add_generator_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--events", type=_positive, default=100_000, help="events in the day (default 100000)")
     p.add_argument("--tenants", type=_positive, default=8)
@@ -72,16 +79,22 @@ def cmd_init_db(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sigterm_stops(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def cmd_broker(args: argparse.Namespace) -> int:
+    import signal
     import time
 
     from batchmark.broker import EmbeddedBroker, create_topics
 
     s = config.load()
+    signal.signal(signal.SIGTERM, _sigterm_stops)  # SIGTERM stops the Tansu child too, like Ctrl-C
     with EmbeddedBroker(port=args.port) as broker:
         create_topics(broker.bootstrap, {s.events_topic: s.partitions, s.dlq_topic: 1})
         print(f"embedded broker on {broker.bootstrap} (topics {s.events_topic}, {s.dlq_topic}); Ctrl-C stops it")
-        print(f"export KAFKA_BOOTSTRAP_SERVERS={broker.bootstrap}")
+        print(f"export KAFKA_BOOTSTRAP_SERVERS={broker.bootstrap}", flush=True)
         try:
             while broker.proc and broker.proc.poll() is None:
                 time.sleep(1)
@@ -164,6 +177,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0 if report.success else 1
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    from batchmark import stack
+
+    if args.detach:
+        return stack.run_up_detached(args.port, args.broker_port)
+    return stack.run_up(args.port, args.broker_port)
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from batchmark import stack
+
+    return stack.run_down()
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from batchmark.demo import run_demo
     from batchmark.windows import parse_day, yesterday
@@ -182,9 +209,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generator_args(p)
     p.set_defaults(fn=cmd_demo)
 
+    p = sub.add_parser(
+        "up",
+        help="start the local stack on 127.0.0.1 (broker, Faust worker, Airflow UI/scheduler/...); Ctrl-C stops it",
+    )
+    p.add_argument("--port", type=_port, default=8080, help="the Airflow UI / API server port (default 8080)")
+    p.add_argument("--broker-port", type=_port, default=19092, help="the embedded broker's port (default 19092)")
+    p.add_argument("-d", "--detach", action="store_true", help="run in the background; `batchmark down` stops it")
+    p.set_defaults(fn=cmd_up)
+    sub.add_parser("down", help="stop the stack `batchmark up` started from this BATCHMARK_HOME").set_defaults(
+        fn=cmd_down
+    )
+
     sub.add_parser("init-db", help="create the database and its schema").set_defaults(fn=cmd_init_db)
     p = sub.add_parser("broker", help="run the embedded Kafka-protocol broker (Tansu) in the foreground")
-    p.add_argument("--port", type=_positive, default=19092)
+    p.add_argument("--port", type=_port, default=19092)
     p.set_defaults(fn=cmd_broker)
     sub.add_parser("topics", help="create the events and dead-letter topics").set_defaults(fn=cmd_topics)
 

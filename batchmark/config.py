@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,13 +51,22 @@ class Settings:
         return self.archive / f"events-{day}.jsonl"
 
 
+def default_database_url(home: Path) -> str:
+    """The database a runtime home uses unless DATABASE_URL says otherwise: its own, named after the home.
+
+    Two checkouts (or the demo beside `batchmark up`) therefore never overwrite each other's days.
+    """
+    tag = hashlib.sha256(str(home).encode()).hexdigest()[:8]
+    return f"postgresql://postgres@127.0.0.1:5432/batchmark_{tag}"
+
+
 def load() -> Settings:
     """Read the settings from the environment (defaults: everything on 127.0.0.1 under ./.batchmark)."""
     home = Path(_env("BATCHMARK_HOME", str(REPO_ROOT / ".batchmark"))).resolve()
     return Settings(
         home=home,
         bootstrap_servers=_env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092"),
-        database_url=_env("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/batchmark"),
+        database_url=_env("DATABASE_URL", default_database_url(home)),
         lake=Path(_env("BATCHMARK_LAKE", str(home / "lake"))).resolve(),
         spark_master=_env("SPARK_MASTER", "local[*]"),
         airflow_home=Path(_env("AIRFLOW_HOME", str(home / "airflow"))).resolve(),

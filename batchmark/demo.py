@@ -122,9 +122,29 @@ def stop(proc: subprocess.Popen[bytes] | None) -> None:
             proc.kill()
 
 
+def demo_home(settings: Settings) -> Path:
+    """The demo's own runtime home (lake, Airflow metadata, logs; and so its own database): a running
+    `batchmark up` stack or another checkout is never touched by a demo."""
+    return settings.home / "demo"
+
+
+def run_dag_test(settings: Settings, dag_id: str, day: date, log_path: Path) -> int:
+    """`airflow dags test DAG -c {"date": day}` in the demo's own Airflow home; returns its exit code."""
+    env = {**os.environ, **airflow_env(settings)}
+    with open(log_path, "wb") as fh:
+        return subprocess.run(
+            [airflow_bin(), "dags", "test", dag_id, "-c", json.dumps({"date": day.isoformat()})],
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+        ).returncode
+
+
 def run_demo(day: date, gen: GeneratorConfig, keep: bool = False) -> int:
     """Run the whole pipeline for one generated day and print where the report is."""
     check_java()
+    os.environ["BATCHMARK_HOME"] = str(demo_home(config.load()))
     settings = config.load()
     home = settings.home
     (home / "logs").mkdir(parents=True, exist_ok=True)
@@ -133,12 +153,12 @@ def run_demo(day: date, gen: GeneratorConfig, keep: bool = False) -> int:
     started_broker = not os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
     try:
         if started_broker:
-            broker = EmbeddedBroker(log_path=home / "logs" / "broker.log").start()
+            broker = EmbeddedBroker(log_path=home / "logs" / "broker.log", die_with_parent=not keep).start()
             os.environ["KAFKA_BOOTSTRAP_SERVERS"] = broker.bootstrap
         settings = config.load()
         print(
             f"[1/5] broker {settings.bootstrap_servers} ({'embedded Tansu' if broker else 'external'}), "
-            f"postgres {storage.db_name(settings.database_url)}, lake {settings.lake}"
+            f"postgres {storage.db_name(settings.database_url)}, home {home} (the demo's own)"
         )
         create_topics(settings.bootstrap_servers, {settings.events_topic: settings.partitions, settings.dlq_topic: 1})
         if started_broker:
@@ -167,24 +187,21 @@ def run_demo(day: date, gen: GeneratorConfig, keep: bool = False) -> int:
             f"({stats.records / stream_s:,.0f} records/s, replay included; worker log {worker_log})"
         )
 
-        print("[4/5] nightly_recompute DAG (Spark recompute -> GX validation) via `airflow dags test` ...")
+        print("[4/5] DAGs nightly_recompute (Spark) then validate_accuracy (GX) via `airflow dags test` ...")
         migrate(settings)
-        env = {**os.environ, **airflow_env(settings)}
         t1 = time.monotonic()
-        dag_log = home / "logs" / f"dag-{day.isoformat()}.log"
-        with open(dag_log, "wb") as fh:
-            rc = subprocess.run(
-                [airflow_bin(), "dags", "test", "nightly_recompute", "-c", json.dumps({"date": day.isoformat()})],
-                env=env,
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                cwd=REPO_ROOT,
-            ).returncode
+        logs = {dag_id: home / "logs" / f"{dag_id}-{day.isoformat()}.log" for dag_id in DEMO_DAGS}
+        rcs: dict[str, int] = {}
+        tasks: dict[str, float] = {}
+        for dag_id in DEMO_DAGS:
+            rcs[dag_id] = run_dag_test(settings, dag_id, day, logs[dag_id])
+            tasks.update(task_seconds(settings, dag_id))
+            if rcs[dag_id] != 0 and dag_id == "nightly_recompute":
+                break  # no truth, nothing to validate
         dag_s = time.monotonic() - t1
-        tasks = task_seconds(settings)
         print(
-            f"      DAG finished in {dag_s:.0f}s with exit code {rc} (log {dag_log}); task seconds: "
-            + ", ".join(f"{t} {s:.1f}" for t, s in tasks.items())
+            f"      DAGs finished in {dag_s:.0f}s with exit codes {rcs} (logs {', '.join(map(str, logs.values()))}); "
+            "task seconds: " + ", ".join(f"{t} {s:.1f}" for t, s in tasks.items())
         )
 
         summary = latest_accuracy(settings.database_url, day)
@@ -202,7 +219,9 @@ def run_demo(day: date, gen: GeneratorConfig, keep: bool = False) -> int:
             "waited_s": round(waited, 1),
         }
         (home / "demo-figures.json").write_text(json.dumps(figures, indent=1))
-        return 0 if rc == 0 or not summary["success"] else 1
+        # an accuracy FAIL is a finding the demo reports, not a demo failure; a DAG that could not run is
+        recomputed = rcs.get("nightly_recompute") == 0
+        return 0 if recomputed and (rcs.get("validate_accuracy") == 0 or summary["windows"]) else 1
     finally:
         if keep:
             print(
@@ -215,8 +234,11 @@ def run_demo(day: date, gen: GeneratorConfig, keep: bool = False) -> int:
                 broker.stop()
 
 
-def task_seconds(settings: Settings) -> dict[str, float]:
-    """Durations of the tasks of the newest nightly_recompute run, from Airflow's metadata DB (SQLite only)."""
+DEMO_DAGS = ("nightly_recompute", "validate_accuracy")
+
+
+def task_seconds(settings: Settings, dag_id: str) -> dict[str, float]:
+    """Durations of the tasks of a DAG's newest run, from Airflow's metadata DB (SQLite only)."""
     import sqlite3
 
     db = settings.airflow_home / "airflow.db"
@@ -225,8 +247,8 @@ def task_seconds(settings: Settings) -> dict[str, float]:
     with contextlib.closing(sqlite3.connect(db)) as conn:
         rows = conn.execute(
             """SELECT task_id, (julianday(end_date) - julianday(start_date)) * 86400 FROM task_instance
-               WHERE dag_id = 'nightly_recompute' AND run_id = (SELECT run_id FROM dag_run
-                 WHERE dag_id = 'nightly_recompute' ORDER BY id DESC LIMIT 1)"""
+               WHERE dag_id = ? AND run_id = (SELECT run_id FROM dag_run WHERE dag_id = ? ORDER BY id DESC LIMIT 1)""",
+            (dag_id, dag_id),
         ).fetchall()
     return {task: round(s, 1) for task, s in rows if s is not None}
 

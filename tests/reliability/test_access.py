@@ -501,24 +501,15 @@ def test_env_example_has_no_secret_values() -> None:
     assert tracked.stdout.strip() == ""
 
 
-def test_servers_default_to_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_settings_default_to_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The defaults point at loopback. What the running processes really listen on is read from their sockets
+    in tests/integration/test_stack.py (every process `batchmark up` starts) and test_processes.py."""
     for var in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL"):
         monkeypatch.delenv(var, raising=False)
     settings = config.load()
     assert settings.bootstrap_servers.split(":")[0] == "127.0.0.1"
     assert settings.database_url.split("@", 1)[1].startswith("127.0.0.1:")
     assert airflow_env(settings)["AIRFLOW__API__HOST"] == "127.0.0.1"
-    # Faust: web server off in the app, and `--without-web` where a worker is started (faust ignores the flag alone).
-    app = (REPO_ROOT / "streaming" / "app.py").read_text()
-    assert re.search(r"web_enabled\s*=\s*False", app)
-    assert re.search(r"web_host\s*=\s*\"127\.0\.0\.1\"", app)
-    for starter in ("batchmark/demo.py", "batchmark/cli.py"):
-        assert '"--without-web"' in (REPO_ROOT / starter).read_text(), starter
-    spark = (REPO_ROOT / "batchmark" / "spark.py").read_text()
-    assert "spark.driver.bindAddress=127.0.0.1" in spark and "spark.driver.host=127.0.0.1" in spark
-    assert "spark.ui.enabled=false" in spark
-    broker = (REPO_ROOT / "batchmark" / "broker.py").read_text()
-    assert 'url = f"tcp://127.0.0.1:{self.port}"' in broker
 
 
 SQL_BUILT_FROM_TEXT = re.compile(
