@@ -12,6 +12,7 @@ the stack listens on is on loopback, a demo run beside the stack touches none of
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import re
@@ -43,7 +44,12 @@ DEMO_DAY = date(2026, 3, 6)
 ARTIFACTS = REPO_ROOT / ".batchmark" / "test-artifacts" / "stack"
 CHROMIUM = os.environ.get("BATCHMARK_CHROMIUM", "/usr/bin/chromium")
 BATCHMARK = str(Path(sys.executable).parent / "batchmark")
-LOOPBACK = {"127.0.0.1", "::1"}
+
+
+def _loopback(ip: str) -> bool:
+    """127.0.0.0/8, ::1, or loopback written as IPv4-mapped IPv6 (::ffff:127.0.0.1, as Java's sockets are)."""
+    addr = ipaddress.ip_address(ip)
+    return (getattr(addr, "ipv4_mapped", None) or addr).is_loopback
 
 
 def _db_url(pg_url: str, name: str) -> str:
@@ -234,6 +240,11 @@ def _page(browser: Any, stack: dict[str, Any], user: str) -> Iterator[Any]:
 # ------------------------------------------------------------------------------------------------ the tests
 
 
+def test_loopback_judge() -> None:
+    assert all(map(_loopback, ["127.0.0.1", "127.1.2.3", "::1", "::ffff:127.0.0.1"]))
+    assert not any(map(_loopback, ["0.0.0.0", "::", "10.0.0.5", "::ffff:10.0.0.5", "192.168.1.2"]))
+
+
 def _listening(pid: int) -> set[tuple[str, str, int]]:
     """(process name, address, port) of every listening socket of a process and its descendants."""
     found = set()
@@ -251,7 +262,7 @@ def test_every_listening_socket_is_on_loopback(stack: dict[str, Any]) -> None:
     listening = _listening(stack["proc"].pid)
     print("\nlistening sockets:", sorted(listening))
     assert {port for _, _, port in listening} >= {stack["api_port"], stack["broker_port"]}
-    assert [s for s in listening if s[1] not in LOOPBACK] == []
+    assert [s for s in listening if not _loopback(s[1])] == []
     # No log server (8793/8794) and no Faust web server (6066) anywhere.
     assert not {8793, 8794, 6066} & {port for _, _, port in listening}
 
@@ -343,6 +354,36 @@ def test_a_date_that_is_not_a_day_is_refused_before_a_run(stack: dict[str, Any])
     assert len(api.runs("nightly_recompute")) == before
 
 
+def test_a_configuration_error_fails_at_once_without_retries(stack: dict[str, Any]) -> None:
+    """An unknown metric is a ConfigError: the task fails on its first try (it has 2 retries for outages)."""
+    api: Api = stack["api"]
+    r = api.client.post(
+        "/api/v2/dags/validate_accuracy/dagRuns",
+        json={"conf": {"date": UI_DAY.isoformat(), "metrics": ["no_such_metric"]}, "logical_date": None},
+        headers=api.headers,
+    )
+    assert r.status_code == 200, r.text
+    run_id = r.json()["dag_run_id"]
+    assert run_id.startswith(f"manual__{UI_DAY.isoformat()}__")
+    deadline = time.monotonic() + 240
+    while (state := api.get(f"/api/v2/dags/validate_accuracy/dagRuns/{run_id}")["state"]) not in ("failed", "success"):
+        assert time.monotonic() < deadline, f"{run_id} still {state}"
+        time.sleep(2)
+    assert state == "failed"
+    tis = {
+        (t["task_id"], t["map_index"]): t
+        for t in api.get(f"/api/v2/dags/validate_accuracy/dagRuns/{run_id}/taskInstances")["task_instances"]
+    }
+    failed = tis[("validate_with_gx", 0)]
+    assert failed["state"] == "failed" and failed["try_number"] == 1 and failed["max_tries"] >= 2, failed
+    assert [t["state"] for (task, _), t in tis.items() if task == "check_accuracy"] == ["upstream_failed"]
+    with storage.transaction(stack["database_url"]) as cur:
+        cur.execute("SELECT task_id, day, error FROM quality.task_failures WHERE run_id = %s", (run_id,))
+        rows = cur.fetchall()
+    assert [(t, d) for t, d, _ in rows] == [("validate_with_gx", UI_DAY.isoformat())]
+    assert "unknown metric 'no_such_metric'" in rows[0][2] and "jobs" in rows[0][2]  # says what to fix
+
+
 def test_backfill_over_three_days_validates_three_days_in_order(stack: dict[str, Any]) -> None:
     api: Api = stack["api"]
     t0 = time.monotonic()
@@ -370,7 +411,8 @@ def test_backfill_over_three_days_validates_three_days_in_order(stack: dict[str,
     )
     backfill_s = time.monotonic() - t0
     print("\nlistening sockets while the backfill ran:", sorted(seen))
-    assert [s for s in seen if s[1] not in LOOPBACK] == []
+    assert [s for s in seen if not _loopback(s[1])] == []
+    assert any(name == "java" for name, _, _ in seen)  # Spark's driver was caught listening, on loopback
     by_day = {r["logical_date"][:10]: r for r in runs}  # a backfill run's logical date is the day it checks
     assert sorted(by_day) == [d.isoformat() for d in BACKFILL_DAYS]
     ordered = [by_day[d.isoformat()] for d in BACKFILL_DAYS]
