@@ -191,6 +191,18 @@ def cmd_down(args: argparse.Namespace) -> int:
     return stack.run_down()
 
 
+def cmd_airflow(args: argparse.Namespace) -> int:
+    from batchmark import stack
+    from batchmark.airflow_env import airflow_bin
+
+    settings = config.load()
+    state = stack.read_state(settings) or {}
+    port = int(str(state.get("api_url", "http://127.0.0.1:8080")).rsplit(":", 1)[1])
+    env = {**os.environ, **stack.stack_airflow_env(settings, port)}
+    os.execve(airflow_bin(), [airflow_bin(), *args.airflow_args], env)
+    return 0  # not reached
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from batchmark.demo import run_demo
     from batchmark.windows import parse_day, yesterday
@@ -220,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("down", help="stop the stack `batchmark up` started from this BATCHMARK_HOME").set_defaults(
         fn=cmd_down
     )
+
+    p = sub.add_parser(
+        "airflow",
+        help="the airflow CLI with this home's settings, e.g. `batchmark airflow backfill create --dag-id ...`",
+    )
+    p.add_argument("airflow_args", nargs=argparse.REMAINDER, help="arguments for `airflow`")
+    p.set_defaults(fn=cmd_airflow)
 
     sub.add_parser("init-db", help="create the database and its schema").set_defaults(fn=cmd_init_db)
     p = sub.add_parser("broker", help="run the embedded Kafka-protocol broker (Tansu) in the foreground")

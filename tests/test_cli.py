@@ -60,3 +60,29 @@ def test_replay_of_an_unknown_format_is_refused(capsys: pytest.CaptureFixture[st
     data.write_text("<a/>")
     code, out = run(capsys, "replay", str(data))
     assert code == 2 and ".jsonl, .csv or .parquet" in out
+
+
+def test_batchmark_airflow_runs_the_airflow_cli_with_this_homes_settings(tmp_path) -> None:  # noqa: ANN001
+    """`batchmark airflow ...` reaches the same metadata DB, DAGs folder and API address as `batchmark up`."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from batchmark.config import REPO_ROOT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env["BATCHMARK_HOME"] = str(tmp_path)
+    (tmp_path / "stack.json").write_text('{"pid": -1, "api_url": "http://127.0.0.1:18123"}')
+    batchmark = str(Path(sys.executable).parent / "batchmark")
+
+    def value(section: str, key: str) -> str:
+        out = subprocess.run(
+            [batchmark, "airflow", "config", "get-value", section, key], env=env, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.strip().splitlines()[-1]
+
+    assert value("core", "dags_folder") == str(REPO_ROOT / "dags")
+    assert value("database", "sql_alchemy_conn") == f"sqlite:///{tmp_path / 'airflow' / 'airflow.db'}"
+    assert value("core", "execution_api_server_url") == "http://127.0.0.1:18123/execution/"
