@@ -56,13 +56,22 @@ def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def wait_until_ready(worker: subprocess.Popen[bytes], log_path: Path, timeout_s: float = 120) -> float:
+def log_size(log_path: Path) -> int:
+    """Where a log ends now: pass it to wait_until_ready when the worker starts before the wait does."""
+    return log_path.stat().st_size if log_path.exists() else 0
+
+
+def wait_until_ready(
+    worker: subprocess.Popen[bytes], log_path: Path, timeout_s: float = 120, since: int | None = None
+) -> float:
     """Block until the worker's events consumer has joined its group and has its partitions; returns seconds waited.
 
-    The line is streaming.app.READY_LINE (not imported: importing the app module connects to Postgres).
+    Reads the log from byte `since` (the log's size when the worker was started); without it, from the log's
+    end now, which misses a ready line the worker wrote before this call. The line is streaming.app.READY_LINE
+    (not imported: importing the app module connects to Postgres).
     """
     t0 = time.monotonic()
-    start = log_path.stat().st_size if log_path.exists() else 0
+    start = log_size(log_path) if since is None else since
     while time.monotonic() - t0 < timeout_s:
         if worker.poll() is not None:
             raise BatchmarkError(f"the stream worker exited with code {worker.returncode}; see {log_path}")
@@ -168,6 +177,7 @@ def run_demo(day: date, gen: GeneratorConfig, keep: bool = False) -> int:
         lateness = max(m.allowed_lateness_ms for m in defs.metrics)
 
         worker_log = home / "logs" / "worker.log"
+        worker_log_start = log_size(worker_log)
         worker = start_worker(settings, worker_log)  # it joins its group while the day is generated
         data = home / "data" / f"events-{day.isoformat()}.jsonl"
         manifest = generate(gen, data, archive=settings.archive_file(day))
@@ -177,7 +187,7 @@ def run_demo(day: date, gen: GeneratorConfig, keep: bool = False) -> int:
             f"{manifest.lost} lost; archive {settings.archive_file(day)})"
         )
 
-        wait_until_ready(worker, worker_log)
+        wait_until_ready(worker, worker_log, since=worker_log_start)  # it may be ready since long
         t0 = time.monotonic()
         stats = replay(data, settings.bootstrap_servers, settings.events_topic, defs)
         waited = wait_for_day(settings, day, lateness, worker, worker_log)

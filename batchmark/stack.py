@@ -95,7 +95,7 @@ class Stack:
 
     def start(self, out: Any = sys.stdout) -> None:
         """Start every part and wait until the UI answers and lists the DAGs; on any failure stop what started."""
-        from batchmark.demo import start_worker, wait_until_ready
+        from batchmark.demo import log_size, start_worker, wait_until_ready
         from batchmark.pg import ensure_postgres
 
         t0 = time.monotonic()
@@ -124,6 +124,7 @@ class Stack:
             self._write_state(ready=False)
 
             worker_log = self.log_dir / "worker.log"
+            worker_log_start = log_size(worker_log)
             self.procs["worker"] = start_worker(s, worker_log)
 
             migrate(s)
@@ -142,7 +143,7 @@ class Stack:
                     start_new_session=True,
                 )
             self._write_state(ready=False)
-            wait_until_ready(self.procs["worker"], worker_log)
+            wait_until_ready(self.procs["worker"], worker_log, since=worker_log_start)
             self.started_s["worker"] = time.monotonic() - t0
             self._wait_for_ui(timeout_s=180)
             self.started_s["ui"] = time.monotonic() - t0
