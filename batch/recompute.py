@@ -30,6 +30,8 @@ from batchmark.batch_compute import (
     REJECT_COLUMN,
     TRUTH_COLUMNS,
     bucket_ms,
+    line_ranges,
+    read_line_range,
     validate_batches,
     window_accuracy,
 )
@@ -53,8 +55,9 @@ def _metrics_fn(defs_path: str, names: list[str], stream: dict):
     return compute
 
 
-def _archive_fn(defs_path: str, start_ms: int, end_ms: int):
-    """Decode and validate archive lines with the core's rules: the day's valid events, and every rejection."""
+def _archive_fn(defs_path: str, start_ms: int, end_ms: int, batch_rows: int = 50_000):
+    """Read byte ranges of the archive and validate each line with the core's rules: the day's valid events, and
+    every rejection. Each input row is (path, start, end); output comes in frames of at most batch_rows."""
 
     def parse(batches):
         import pandas as pd
@@ -63,18 +66,20 @@ def _archive_fn(defs_path: str, start_ms: int, end_ms: int):
 
         d = load_definitions(defs_path)
         names = ["event_id", "event_time_ms", *d.dataset.field_names]
-        for pdf in batches:
+        for ranges in batches:
             rows = []
-            lines = (line.rstrip(b"\r") for content in pdf["content"] for line in bytes(content).split(b"\n"))
-            for line in lines:
-                if not line:
-                    continue
-                ev = validate(line, d.dataset)
-                if isinstance(ev, Rejection):
-                    rows.append([None] * len(names) + [ev.reason])
-                elif start_ms <= ev["event_time_ms"] < end_ms:
-                    rows.append([ev[n] for n in names] + [""])
-            yield pd.DataFrame(rows, columns=[*names, REJECT_COLUMN])
+            for path, start, end in zip(ranges["path"], ranges["start"], ranges["end"], strict=True):
+                for line in read_line_range(path, int(start), int(end)):
+                    ev = validate(line, d.dataset)
+                    if isinstance(ev, Rejection):
+                        rows.append([None] * len(names) + [ev.reason])
+                    elif start_ms <= ev["event_time_ms"] < end_ms:
+                        rows.append([ev[n] for n in names] + [""])
+                    if len(rows) >= batch_rows:
+                        yield pd.DataFrame(rows, columns=[*names, REJECT_COLUMN])
+                        rows = []
+            if rows:
+                yield pd.DataFrame(rows, columns=[*names, REJECT_COLUMN])
 
     return parse
 
@@ -142,10 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     archive_rejected: dict[str, int] = {}
     if args.archive:
         start_ms, end_ms = day_bounds_ms(day)
+        ranges = line_ranges(str(Path(args.archive).resolve()))  # one task per ~32 MB, each read as raw bytes
         parsed = (
-            spark.read.format("binaryFile")
-            .load(args.archive)  # raw bytes: invalid UTF-8 must reach validation
-            .select("content")
+            spark.createDataFrame(
+                spark.sparkContext.parallelize(ranges, len(ranges)), "path string, start bigint, `end` bigint"
+            )
             .mapInPandas(_archive_fn(defs_path, start_ms, end_ms), ", ".join(columns) + f", {REJECT_COLUMN} string")
             .cache()
         )

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -49,6 +51,34 @@ OUTPUT_SCHEMA = (
 )
 NO_WATERMARK = -(2**62)
 StreamValues = dict[tuple[str, str, int], tuple[float, Any]]
+ARCHIVE_CHUNK_BYTES = 32 * 1024 * 1024
+
+
+def line_ranges(path: str | Path, chunk_bytes: int = ARCHIVE_CHUNK_BYTES) -> list[tuple[str, int, int]]:
+    """Split a JSONL file into byte ranges of about chunk_bytes, one Spark task each: a day's archive is then
+    read in parallel with memory bounded by a chunk, never whole (a 1.6M-event day as one blob overflowed the
+    driver's heap). A line belongs to the range it starts in (see :func:`read_line_range`)."""
+    size = os.path.getsize(path)
+    step = max(1, chunk_bytes)
+    return [(str(path), start, min(start + step, size)) for start in range(0, size, step)] or [(str(path), 0, 0)]
+
+
+def read_line_range(path: str | Path, start: int, end: int) -> Iterator[bytes]:
+    """The raw lines (bytes, without the line end) that start in [start, end) of a file; empty lines skipped.
+
+    Raw bytes, not text: a line that is not UTF-8 must reach validation as it is (reason invalid_utf8).
+    """
+    with open(path, "rb") as fh:
+        if start > 0:
+            fh.seek(start - 1)
+            fh.readline()  # the tail of a line that started before this range: the previous range's
+        while fh.tell() < end:
+            line = fh.readline()
+            if not line:
+                break
+            line = line.rstrip(b"\n").rstrip(b"\r")
+            if line:
+                yield line
 
 
 def validate_frame(pdf: pd.DataFrame, defs: Definitions) -> pd.DataFrame:
