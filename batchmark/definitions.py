@@ -10,7 +10,7 @@ import functools
 import re
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -188,6 +188,13 @@ class Definitions:
                 return m
         known = ", ".join(m.name for m in self.metrics)
         raise ConfigError(f"unknown metric {name!r}; the definitions have: {known}")
+
+    def only(self, names: list[str] | tuple[str, ...]) -> Definitions:
+        """These definitions with just the named metrics (all when none are named); an unknown name is refused
+        with the list of known ones."""
+        if not names:
+            return self
+        return replace(self, metrics=tuple(self.metric(name) for name in names))
 
 
 def _dataset(raw: dict[str, Any]) -> Dataset:
