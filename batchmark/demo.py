@@ -25,6 +25,7 @@ from batchmark.definitions import Definitions, load_definitions
 from batchmark.errors import BatchmarkError
 from batchmark.generator import GeneratorConfig, generate
 from batchmark.lake import day_completeness, day_dir
+from batchmark.orchestration import DAY_DAGS
 from batchmark.pg import ensure_postgres
 from batchmark.replay import replay
 from batchmark.spark import check_java
@@ -200,10 +201,10 @@ def run_demo(day: date, gen: GeneratorConfig, keep: bool = False) -> int:
         print("[4/5] DAGs nightly_recompute (Spark) then validate_accuracy (GX) via `airflow dags test` ...")
         migrate(settings)
         t1 = time.monotonic()
-        logs = {dag_id: home / "logs" / f"{dag_id}-{day.isoformat()}.log" for dag_id in DEMO_DAGS}
+        logs = {dag_id: home / "logs" / f"{dag_id}-{day.isoformat()}.log" for dag_id in DAY_DAGS}
         rcs: dict[str, int] = {}
         tasks: dict[str, float] = {}
-        for dag_id in DEMO_DAGS:
+        for dag_id in DAY_DAGS:
             rcs[dag_id] = run_dag_test(settings, dag_id, day, logs[dag_id])
             tasks.update(task_seconds(settings, dag_id))
             if rcs[dag_id] != 0 and dag_id == "nightly_recompute":
@@ -242,9 +243,6 @@ def run_demo(day: date, gen: GeneratorConfig, keep: bool = False) -> int:
             stop(worker)
             if broker:
                 broker.stop()
-
-
-DEMO_DAGS = ("nightly_recompute", "validate_accuracy")
 
 
 def task_seconds(settings: Settings, dag_id: str) -> dict[str, float]:

@@ -28,9 +28,9 @@ from batchmark.airflow_env import airflow_bin, airflow_env, ensure_auth, migrate
 from batchmark.broker import EmbeddedBroker, create_topics, port_open
 from batchmark.config import REPO_ROOT, Settings
 from batchmark.errors import BatchmarkError, ConfigError, ServiceUnavailable
+from batchmark.orchestration import DAY_DAGS
 
 READY_LINE = "batchmark stack ready"
-DAG_IDS = ("nightly_recompute", "validate_accuracy")
 AIRFLOW_COMPONENTS = {
     "api-server": ["api-server"],  # host and port are added at start
     "scheduler": ["scheduler", "--skip-serve-logs"],
@@ -87,7 +87,6 @@ class Stack:
     log_dir: Path = field(default_factory=Path)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     broker: EmbeddedBroker | None = None
-    started_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def api_url(self) -> str:
@@ -120,7 +119,6 @@ class Stack:
             self.settings = config.load()
             s = self.settings
             create_topics(s.bootstrap_servers, {s.events_topic: s.partitions, s.dlq_topic: 1})
-            self.started_s["broker"] = time.monotonic() - t0
             self._write_state(ready=False)
 
             worker_log = self.log_dir / "worker.log"
@@ -129,7 +127,7 @@ class Stack:
 
             migrate(s)
             passwords_file = Path(airflow_env(s)["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"])
-            ensure_auth(s)
+            passwords = ensure_auth(s)
             env = {**os.environ, **stack_airflow_env(s, self.api_port)}
             for name, args in AIRFLOW_COMPONENTS.items():
                 if name == "api-server":
@@ -144,18 +142,15 @@ class Stack:
                 )
             self._write_state(ready=False)
             wait_until_ready(self.procs["worker"], worker_log, since=worker_log_start)
-            self.started_s["worker"] = time.monotonic() - t0
-            self._wait_for_ui(timeout_s=180)
-            self.started_s["ui"] = time.monotonic() - t0
+            self._wait_for_ui(passwords["admin"], timeout_s=180)
             self._write_state(ready=True)
         except BaseException:
             self.stop()
             raise
-        users = ", ".join(ensure_auth(s))
         print(
-            f"{READY_LINE} in {self.started_s['ui']:.0f}s\n"
-            f"  Airflow UI   {self.api_url}   (users: {users}; passwords in {passwords_file})\n"
-            f"  DAGs         {', '.join(DAG_IDS)}\n"
+            f"{READY_LINE} in {time.monotonic() - t0:.0f}s\n"
+            f"  Airflow UI   {self.api_url}   (users: {', '.join(passwords)}; passwords in {passwords_file})\n"
+            f"  DAGs         {', '.join(DAY_DAGS)}\n"
             f"  broker       {s.bootstrap_servers}   (export KAFKA_BOOTSTRAP_SERVERS={s.bootstrap_servers})\n"
             f"  database     {storage.db_name(s.database_url)}   (export DATABASE_URL={_public_url(s.database_url)})\n"
             f"  lake         {s.lake}\n"
@@ -173,11 +168,10 @@ class Stack:
                 f"UI {state.get('api_url')}): use it, or stop it first with `batchmark down`"
             )
 
-    def _wait_for_ui(self, timeout_s: float) -> None:
+    def _wait_for_ui(self, admin_password: str, timeout_s: float) -> None:
         """Until the API server is healthy and lists both DAGs (the DAG processor has parsed them)."""
         import httpx
 
-        passwords = ensure_auth(self.settings)
         deadline = time.monotonic() + timeout_s
         last = "not started"
         with httpx.Client(base_url=self.api_url, timeout=5.0) as client:
@@ -185,11 +179,11 @@ class Stack:
                 self._check_alive()
                 try:
                     if client.get("/api/v2/monitor/health").status_code == 200:
-                        r = client.post("/auth/token", json={"username": "admin", "password": passwords["admin"]})
+                        r = client.post("/auth/token", json={"username": "admin", "password": admin_password})
                         headers = {"Authorization": f"Bearer {r.json()['access_token']}"}
                         dags = client.get("/api/v2/dags", headers=headers).json().get("dags", [])
                         listed = {d["dag_id"] for d in dags}
-                        if set(DAG_IDS) <= listed:
+                        if set(DAY_DAGS) <= listed:
                             return
                         last = f"DAGs listed so far: {sorted(listed)}"
                 except (httpx.HTTPError, KeyError, ValueError) as exc:
