@@ -64,7 +64,11 @@ class RunNotes:
 
 
 class NightlyTimetable(CronDataIntervalTimetable):
-    """A cron data-interval timetable whose scheduled and backfill runs are named after the day they check."""
+    """A cron data-interval timetable whose scheduled runs are named after the day they check.
+
+    Airflow 3.3 asks the timetable for a backfill run's id only when it re-creates a run (reprocessing); a
+    first backfill run keeps Airflow's own name. Both cases name the day here when asked.
+    """
 
     def generate_run_id(self, *, run_type: Any, run_after: Any, data_interval: Any, **extra: Any) -> str:
         from airflow.utils.types import DagRunType

@@ -22,7 +22,7 @@ from batchmark.errors import ConfigError, ServiceUnavailable
 NIGHTLY_CRON = "0 0 * * *"
 TRUTH_ASSET_URI = "batchmark://truth/results"
 ACCURACY_ASSET_URI = "batchmark://quality/accuracy_history"
-DAY_DAGS = ("nightly_recompute", "validate_accuracy")
+DAY_DAGS = ("nightly_recompute", "validate_accuracy")  # every DAG of the product; each checks a day
 OWNER = "batchmark"
 
 
@@ -131,12 +131,12 @@ def record_failure(dag_id: str, context: Mapping[str, Any]) -> None:
 
     ti = context.get("task_instance") or context.get("ti")
     params = context.get("params") or {}
-    try:
-        day: str | None = day_for_run(params.get("date"), context.get("data_interval_start"), None).isoformat()
-    except ConfigError:
-        day = str(params.get("date"))[:10]  # the bad date itself is what failed
-    if dag_id != "nightly_recompute" and not params.get("date"):
-        day = None  # an Asset-triggered validation may cover several days; its note lists them
+    day: str | None = None  # an Asset-triggered validation may cover several days; its note lists them
+    if dag_id == "nightly_recompute" or params.get("date"):
+        try:
+            day = day_for_run(params.get("date"), context.get("data_interval_start"), None).isoformat()
+        except ConfigError:
+            day = str(params.get("date"))[:10]  # the bad date itself is what failed
     storage.record_task_failure(
         config.load().database_url,
         dag_id=dag_id,
