@@ -5,7 +5,10 @@ Every aggregate has:
 - ``exact(values)`` -> (value, detail): the batch's form, with all of a window's values at hand;
 - ``error(stream_value, stream_detail, truth_values)``: the kind's accuracy measure against the truth
   (smaller is better), and ``bound()``: its theoretical limit, the default tolerance;
-- ``state_bytes(state)``: memory one window's state takes (sketches: their serialized size).
+- ``state_bytes(state)``: memory one window's state takes (sketches: their serialized size);
+- ``exact_windows(values, bounds)``: ``exact`` of many windows at once (the batch's fast path: vectorized where
+  the kind allows, always equal to ``exact`` of each window), and ``accuracy(...)``: ``error`` with the
+  kind's extra figures, from the window's exact result already computed.
 
 Exact kinds give bit-identical results online and offline on the same values (sums: Shewchuk partials online,
 ``math.fsum`` offline). Sketch kinds (HyperLogLog, KLL, frequent items; Apache DataSketches) and online First Fit
@@ -21,6 +24,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import datasketches as ds
+import numpy as np
+import pandas as pd
 
 Detail = dict[str, Any] | None
 
@@ -41,6 +46,30 @@ def add_partial(partials: list[float], x: float) -> list[float]:
     return partials
 
 
+def exact_sums(values: np.ndarray, bounds: np.ndarray) -> list[float]:
+    """math.fsum of each window values[bounds[i]:bounds[i+1]], bit for bit, vectorized where that is exact.
+
+    When every value is a multiple of one power of two 2^p and the total of their magnitudes stays below
+    2^53 * 2^p, every partial sum is representable, so float addition in any order is exact and equals fsum
+    (the default metrics: cpu * duration_s is a multiple of 0.25). Otherwise fsum runs per window.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) and np.isfinite(values).all():
+        mantissa, exponent = np.frexp(values)
+        ints = (mantissa * 2.0**53).astype(np.int64)
+        nz = ints != 0
+        if nz.any():
+            low = ints[nz] & -ints[nz]  # lowest set bit of each mantissa
+            lowest = int((exponent[nz] - 53 + np.log2(low).astype(np.int64)).min())
+            total = float(np.abs(values).sum()) * (1 + len(values) * 2.0**-52)  # >= the exact total
+            if total < math.ldexp(1.0, 53 + lowest):
+                return np.add.reduceat(values, bounds[:-1]).tolist() if len(bounds) > 1 else []
+        else:
+            return np.add.reduceat(values, bounds[:-1]).tolist() if len(bounds) > 1 else []
+    flat = values.tolist()
+    return [math.fsum(flat[a:b]) for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)]
+
+
 def rel_error(stream: float, truth: float) -> float:
     if stream == truth:
         return 0.0
@@ -54,6 +83,8 @@ class Aggregate:
     input: ClassVar[str] = "number"  # "number" (a value expression), "field" (any field's value) or "none"
     error_name: ClassVar[str] = "relative error"
     probabilistic: ClassVar[bool] = False
+    defined_on_empty: ClassVar[bool] = True  # False: the value of no values is undefined (None), e.g. a mean
+    sorted_input: ClassVar[bool] = False  # exact_windows and accuracy get each window's values sorted
 
     def __init__(self, params: dict[str, Any] | None = None) -> None:
         self.params = params or {}
@@ -70,8 +101,33 @@ class Aggregate:
     def exact(self, values: Sequence[Any]) -> tuple[float, Detail]:
         raise NotImplementedError
 
+    def exact_windows(
+        self, values: np.ndarray, bounds: np.ndarray, labels: np.ndarray | None = None
+    ) -> list[tuple[float, Detail]]:
+        """``exact`` of every window: window i is values[bounds[i]:bounds[i+1]] (never empty; sorted within a
+        window when ``sorted_input``). With `labels`, values are codes: value i is labels[values[i]] (a field's
+        texts, sorted, coded once per frame). Kinds override this with a vectorized form; tests hold it to
+        ``exact``."""
+        flat = (labels[values] if labels is not None else values).tolist()
+        return [self.exact(flat[a:b]) for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)]
+
     def error(self, stream_value: float, stream_detail: Detail, truth_values: Sequence[Any]) -> float:
-        return rel_error(stream_value, self.exact(truth_values)[0])
+        values = sorted(truth_values) if self.sorted_input else truth_values
+        return self.accuracy(stream_value, stream_detail, values, self.exact(values), values)[0]
+
+    def accuracy(
+        self,
+        stream_value: float,
+        stream_detail: Detail,
+        truth: Sequence[Any],
+        exact: tuple[float, Detail],
+        seen: Sequence[Any],
+    ) -> tuple[float, dict[str, Any]]:
+        """The error of one window's stream value and the kind's extra figures (the report's detail).
+
+        truth: the window's truth values, `exact` their exact(); seen: the values the stream counted (both
+        sorted when ``sorted_input``)."""
+        return rel_error(stream_value, exact[0]), {}
 
     def bound(self) -> float:
         return 0.0
@@ -104,6 +160,11 @@ class Count(Aggregate):
     def exact(self, values: Sequence[Any]) -> tuple[float, Detail]:
         return float(len(values)), None
 
+    def exact_windows(
+        self, values: np.ndarray, bounds: np.ndarray, labels: np.ndarray | None = None
+    ) -> list[tuple[float, Detail]]:
+        return [(float(n), None) for n in np.diff(bounds).tolist()]
+
 
 class Sum(Aggregate):
     kind = "sum"
@@ -120,12 +181,18 @@ class Sum(Aggregate):
     def exact(self, values: Sequence[float]) -> tuple[float, Detail]:
         return math.fsum(values), None
 
+    def exact_windows(
+        self, values: np.ndarray, bounds: np.ndarray, labels: np.ndarray | None = None
+    ) -> list[tuple[float, Detail]]:
+        return [(v, None) for v in exact_sums(values, bounds)]
+
     def state_bytes(self, state: list[float]) -> int:
         return 8 * max(1, len(state))
 
 
 class Mean(Aggregate):
     kind = "mean"
+    defined_on_empty = False
 
     def new(self) -> list[Any]:
         return [0, []]
@@ -141,12 +208,18 @@ class Mean(Aggregate):
     def exact(self, values: Sequence[float]) -> tuple[float, Detail]:
         return (math.fsum(values) / len(values) if len(values) else math.nan), None
 
+    def exact_windows(
+        self, values: np.ndarray, bounds: np.ndarray, labels: np.ndarray | None = None
+    ) -> list[tuple[float, Detail]]:
+        return [(t / n, None) for t, n in zip(exact_sums(values, bounds), np.diff(bounds).tolist(), strict=True)]
+
     def state_bytes(self, state: list[Any]) -> int:
         return 8 + 8 * max(1, len(state[1]))
 
 
 class Min(Aggregate):
     kind = "min"
+    defined_on_empty = False
 
     def new(self) -> float:
         return math.inf
@@ -160,9 +233,15 @@ class Min(Aggregate):
     def exact(self, values: Sequence[float]) -> tuple[float, Detail]:
         return float(min(values)), None
 
+    def exact_windows(
+        self, values: np.ndarray, bounds: np.ndarray, labels: np.ndarray | None = None
+    ) -> list[tuple[float, Detail]]:
+        return [(v, None) for v in np.minimum.reduceat(np.asarray(values, np.float64), bounds[:-1]).tolist()]
+
 
 class Max(Aggregate):
     kind = "max"
+    defined_on_empty = False
 
     def new(self) -> float:
         return -math.inf
@@ -175,6 +254,11 @@ class Max(Aggregate):
 
     def exact(self, values: Sequence[float]) -> tuple[float, Detail]:
         return float(max(values)), None
+
+    def exact_windows(
+        self, values: np.ndarray, bounds: np.ndarray, labels: np.ndarray | None = None
+    ) -> list[tuple[float, Detail]]:
+        return [(v, None) for v in np.maximum.reduceat(np.asarray(values, np.float64), bounds[:-1]).tolist()]
 
 
 class DistinctCount(Aggregate):
@@ -201,12 +285,37 @@ class DistinctCount(Aggregate):
     def exact(self, values: Sequence[Any]) -> tuple[float, Detail]:
         return float(len({str(v) for v in values})), None
 
+    def exact_windows(
+        self, values: np.ndarray, bounds: np.ndarray, labels: np.ndarray | None = None
+    ) -> list[tuple[float, Detail]]:
+        codes, uniques = (values, labels) if labels is not None else text_codes(values)
+        window = np.repeat(np.arange(len(bounds) - 1, dtype=np.int64), np.diff(bounds))
+        pairs = np.unique(window * (len(uniques) + 1) + codes)
+        counts = np.bincount(pairs // (len(uniques) + 1), minlength=len(bounds) - 1)
+        return [(float(n), None) for n in counts.tolist()]
+
     def bound(self) -> float:
         """Three standard errors of HLL: 3 x 1.04 / sqrt(2^lg_k)."""
         return 3 * 1.04 / math.sqrt(2**self.lg_k)
 
     def state_bytes(self, state: Any) -> int:
         return state.get_updatable_serialization_bytes()
+
+
+def text_codes(values: np.ndarray, sort: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Integer codes of str(value) for each value (equal text, equal code), and the texts; sorted texts when
+    `sort` (Python's string order): what field kinds' ``exact_windows`` take as values and labels."""
+    arr = np.asarray(values)
+    if arr.dtype != object or not all(type(v) is str for v in arr[: min(len(arr), 64)].tolist()):
+        arr = np.array([str(v) for v in arr.tolist()], dtype=object)
+    codes, uniques = pd.factorize(arr, sort=sort)
+    if len(uniques) and sort:  # factorize sorts with numpy; keep Python's str order whatever it did
+        order = sorted(range(len(uniques)), key=lambda i: uniques[i])
+        if order != list(range(len(uniques))):
+            rank = np.empty(len(order), np.int64)
+            rank[order] = np.arange(len(order))
+            codes, uniques = rank[codes], np.asarray(uniques, dtype=object)[order]
+    return codes.astype(np.int64), np.asarray(uniques, dtype=object)
 
 
 def _inverted_cdf_quantile(sorted_values: Sequence[float], q: float) -> float:
@@ -228,6 +337,8 @@ class Quantile(Aggregate):
     kind = "quantile"
     error_name = "rank error"
     probabilistic = True
+    defined_on_empty = False
+    sorted_input = True
 
     @property
     def q(self) -> float:
@@ -256,8 +367,23 @@ class Quantile(Aggregate):
     def exact(self, values: Sequence[float]) -> tuple[float, Detail]:
         return _inverted_cdf_quantile(sorted(values), self.q), None
 
-    def error(self, stream_value: float, stream_detail: Detail, truth_values: Sequence[float]) -> float:
-        return rank_error(stream_value, sorted(truth_values), self.q)
+    def exact_windows(
+        self, values: np.ndarray, bounds: np.ndarray, labels: np.ndarray | None = None
+    ) -> list[tuple[float, Detail]]:
+        n = np.diff(bounds)
+        at = bounds[:-1] + np.minimum(n - 1, np.maximum(0, np.ceil(self.q * n).astype(np.int64) - 1))
+        return [(v, None) for v in np.asarray(values, np.float64)[at].tolist()]
+
+    def accuracy(
+        self,
+        stream_value: float,
+        stream_detail: Detail,
+        truth: Sequence[Any],
+        exact: tuple[float, Detail],
+        seen: Sequence[Any],
+    ) -> tuple[float, dict[str, Any]]:
+        extra = {"sketch_rank_error": rank_error(stream_value, seen, self.q)} if len(seen) else {}
+        return rank_error(stream_value, truth, self.q), extra
 
     def bound(self) -> float:
         """KLL's normalized rank error for a single quantile at this k (99% confidence)."""
@@ -308,8 +434,33 @@ class TopK(Aggregate):
         top = self._exact_top(values, self.k)[: self.k]
         return float(top[0][1] if top else 0), {"items": [list(t) for t in top]}
 
-    def error(self, stream_value: float, stream_detail: Detail, truth_values: Sequence[Any]) -> float:
-        return self.recall(stream_detail, truth_values)["guaranteed_miss_rate"]
+    def exact_windows(
+        self, values: np.ndarray, bounds: np.ndarray, labels: np.ndarray | None = None
+    ) -> list[tuple[float, Detail]]:
+        codes, uniques = (values, labels) if labels is not None else text_codes(values, sort=True)
+        width = len(uniques) + 1
+        window = np.repeat(np.arange(len(bounds) - 1, dtype=np.int64), np.diff(bounds))
+        pairs, counts = np.unique(window * width + codes, return_counts=True)
+        win, code = pairs // width, pairs % width
+        order = np.lexsort((code, -counts, win))  # per window: count descending, then the item's text
+        win, code, counts = win[order], code[order], counts[order]
+        first = np.searchsorted(win, win, side="left")
+        keep = np.flatnonzero(np.arange(len(win)) - first < self.k)
+        items: list[list[list[Any]]] = [[] for _ in range(len(bounds) - 1)]
+        for w, c, n in zip(win[keep].tolist(), code[keep].tolist(), counts[keep].tolist(), strict=True):
+            items[w].append([uniques[c], n])
+        return [(float(top[0][1] if top else 0), {"items": top}) for top in items]
+
+    def accuracy(
+        self,
+        stream_value: float,
+        stream_detail: Detail,
+        truth: Sequence[Any],
+        exact: tuple[float, Detail],
+        seen: Sequence[Any],
+    ) -> tuple[float, dict[str, Any]]:
+        recall = self.recall(stream_detail, truth)
+        return recall["guaranteed_miss_rate"], recall
 
     def recall(self, stream_detail: Detail, truth_values: Sequence[Any]) -> dict[str, float]:
         """recall@k, the miss rate over guaranteed items, and the largest relative count error of found items."""
@@ -409,6 +560,54 @@ def first_fit(items: Sequence[float], capacity: float) -> int:
     return len(bins)
 
 
+def first_fit_decreasing(items: Sequence[float] | np.ndarray, capacity: float) -> int:
+    """Bins First Fit uses for items already sorted largest first: the same count, bin for bin and with the
+    same float arithmetic, as :func:`first_fit` on them, in O(sizes x bins) instead of O(items log bins).
+
+    Equal items come in runs, and within a run a bin that has no room for one item has none for the next:
+    each run fills the open bins in order from the first, then opens bins of its own. Items larger than a bin
+    are placed one by one; negative ones (a bin's room would grow) take :func:`first_fit`'s path.
+    """
+    arr = np.asarray(items, dtype=np.float64)
+    if not len(arr):
+        return 0
+    if arr[-1] < 0:
+        return first_fit(arr.tolist(), capacity)
+    change = np.flatnonzero(arr[1:] != arr[:-1]) + 1
+    starts = np.concatenate([[0], change])
+    sizes = arr[starts].tolist()
+    runs = np.diff(np.concatenate([starts, [len(arr)]])).tolist()
+    rooms: list[float] = []
+    for x, m in zip(sizes, runs, strict=True):
+        if x > capacity:  # first_fit's rule: whole bins of its own, then the rest as an item
+            full, rest = divmod(x, capacity)
+            for _ in range(m):
+                rooms.extend([0.0] * int(full))
+                if rest:
+                    b = next((b for b, room in enumerate(rooms) if room >= rest), None)
+                    if b is None:
+                        rooms.append(capacity - rest)
+                    else:
+                        rooms[b] -= rest
+            continue
+        for b, room in enumerate(rooms):
+            if room >= x:
+                while m and room >= x:
+                    room -= x
+                    m -= 1
+                rooms[b] = room
+                if not m:
+                    break
+        while m:
+            room = capacity - x
+            m -= 1
+            while m and room >= x:
+                room -= x
+                m -= 1
+            rooms.append(room)
+    return len(rooms)
+
+
 class BinPacking(Aggregate):
     """Online First Fit as items arrive; offline First Fit Decreasing, with the lower bound ceil(sum/capacity).
 
@@ -417,6 +616,7 @@ class BinPacking(Aggregate):
 
     kind = "binpack"
     error_name = "FF / FFD"
+    sorted_input = True
 
     @property
     def capacity(self) -> float:
@@ -436,13 +636,33 @@ class BinPacking(Aggregate):
         return float(len(state)), None
 
     def exact(self, values: Sequence[float]) -> tuple[float, Detail]:
-        ffd = first_fit(sorted(values, reverse=True), self.capacity)
+        ffd = first_fit_decreasing(sorted(values, reverse=True), self.capacity)
         lower = math.ceil(math.fsum(values) / self.capacity - 1e-9)
         return float(ffd), {"lower_bound": lower}
 
-    def error(self, stream_value: float, stream_detail: Detail, truth_values: Sequence[float]) -> float:
-        ffd = self.exact(truth_values)[0]
-        return stream_value / ffd if ffd else (0.0 if stream_value == 0 else math.inf)
+    def exact_windows(
+        self, values: np.ndarray, bounds: np.ndarray, labels: np.ndarray | None = None
+    ) -> list[tuple[float, Detail]]:
+        flat = np.asarray(values, np.float64)
+        out = []
+        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
+            window = flat[a:b]
+            ffd = first_fit_decreasing(window[::-1], self.capacity)
+            lower = math.ceil(exact_sums(window, np.array([0, b - a]))[0] / self.capacity - 1e-9)
+            out.append((float(ffd), {"lower_bound": lower}))
+        return out
+
+    def accuracy(
+        self,
+        stream_value: float,
+        stream_detail: Detail,
+        truth: Sequence[Any],
+        exact: tuple[float, Detail],
+        seen: Sequence[Any],
+    ) -> tuple[float, dict[str, Any]]:
+        ffd, lower = exact[0], (exact[1] or {})["lower_bound"]
+        error = stream_value / ffd if ffd else (0.0 if stream_value == 0 else math.inf)
+        return error, {"ff_over_lower_bound": stream_value / lower if lower else None, "lower_bound": lower}
 
     def bound(self) -> float:
         return 1.7

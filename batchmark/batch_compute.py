@@ -22,9 +22,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from batchmark.aggregates import Aggregate
+from batchmark.aggregates import Aggregate, text_codes
 from batchmark.definitions import Definitions, Metric
 from batchmark.events import Rejection, validate_record
 
@@ -115,80 +116,134 @@ def bucket_ms(metrics: list[Metric]) -> int:
     return math.lcm(*(m.window_ms for m in metrics))
 
 
-def _value(agg: Aggregate, values: list[Any]) -> tuple[float | None, Any]:
-    if not values and agg.kind not in ("count", "sum", "distinct", "topk", "binpack"):
-        return None, None  # mean, min, max and quantiles of nothing are undefined
-    return agg.exact(values)
+def _windows(
+    pdf: pd.DataFrame, m: Metric, values: np.ndarray | None, sort_values: bool, cache: dict[Any, Any]
+) -> tuple[np.ndarray, ...]:
+    """The frame's rows ordered by window (start, then group key; by value inside a window when asked), each
+    row's window number in that order, and each window's start and group key. `cache` keeps what metrics
+    with the same group keys (and window) share."""
+    ts = pdf["event_time_ms"].to_numpy(dtype="int64")
+    starts = ts - ts % m.window_ms  # windows.window_start, element-wise
+    if m.group_by not in cache:
+        cache[m.group_by] = pd.factorize(group_keys(pdf, m.group_by))
+    codes, keys = cache[m.group_by]
+    order_key = (m.group_by, m.window_ms, m.value_expr if sort_values else None)
+    if order_key not in cache:
+        cache[order_key] = np.lexsort((values, codes, starts) if sort_values else (codes, starts))
+    order = cache[order_key]
+    s, c = starts[order], codes[order]
+    new = np.ones(len(order), dtype=bool)
+    new[1:] = (s[1:] != s[:-1]) | (c[1:] != c[:-1])
+    window = np.cumsum(new) - 1
+    heads = np.flatnonzero(new)
+    return order, window, s[heads], np.asarray(keys, dtype=object)[c[heads]]
+
+
+def _subset_values(
+    agg: Aggregate,
+    values: np.ndarray,
+    labels: np.ndarray | None,
+    mask: np.ndarray,
+    window: np.ndarray,
+    wanted: np.ndarray,
+) -> tuple[dict[int, tuple[float | None, Any]], np.ndarray, np.ndarray]:
+    """exact() of the rows in `mask`, for the wanted windows: {window: (value, detail)} (None where the kind
+    has no value of nothing), with the subset's values and bounds per window for the accuracy figures."""
+    counts = np.bincount(window[mask], minlength=len(wanted))
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    vals = values[mask]
+    take = np.flatnonzero(wanted & (counts > 0))
+    sub_bounds = np.concatenate([[0], np.cumsum(counts[take])])
+    sub_values = vals[wanted[window[mask]]]  # the wanted windows' rows, still in window order
+    found = agg.exact_windows(sub_values, sub_bounds, labels) if len(take) else []
+    results = dict(zip(take.tolist(), found, strict=True))
+    empty = agg.exact([]) if agg.defined_on_empty else (None, None)
+    for w in np.flatnonzero(wanted & (counts == 0)).tolist():
+        results[w] = empty
+    return results, vals, bounds
+
+
+def window_accuracy(pdf: pd.DataFrame, metrics: list[Metric], stream: StreamValues) -> pd.DataFrame:
+    """Flagged records of some groups -> per (metric, group, window): truth, error and its attribution.
+
+    Vectorized per metric: rows are ordered by window once, and each kind's ``exact_windows`` computes all
+    windows of a subset (truth, first copies, landed, seen) at once; a subset equal to the truth in a window
+    (the usual case) takes the truth's value instead of computing it again.
+    """
+    cache: dict[Any, Any] = {}
+    frames = [_metric_windows(pdf, m, stream, cache) for m in metrics]
+    rows = [r for f in frames for r in f]
+    return pd.DataFrame(rows, columns=TRUTH_COLUMNS + ACCURACY_COLUMNS)
+
+
+def _metric_windows(pdf: pd.DataFrame, m: Metric, stream: StreamValues, cache: dict[Any, Any]) -> list[tuple[Any, ...]]:
+    if pdf.empty:
+        return []
+    agg = m.aggregate
+    labels = None
+    if (m.value_expr, agg.input) not in cache:  # metrics over the same values compute them once
+        raw = m.value_fn(pdf) if m.value_fn is not None else pd.Series(1.0, index=pdf.index)
+        cache[(m.value_expr, agg.input)] = (
+            text_codes(raw.to_numpy(), sort=True) if agg.input == "field" else (raw.to_numpy(), None)
+        )
+    raw_values, labels = cache[(m.value_expr, agg.input)]
+    order, window, starts, keys = _windows(pdf, m, raw_values, agg.sorted_input, cache)
+    values = raw_values[order]
+    ts = pdf["event_time_ms"].to_numpy(dtype="int64")[order]
+    in_lake = pdf["_in_lake"].to_numpy(dtype=bool)[order]
+    first = in_lake & (pdf["_copy"].to_numpy()[order] == 0)
+    truth = pdf["_in_truth"].to_numpy(dtype=bool)[order]
+    watermark = pdf["_watermark_ms"].to_numpy(dtype="int64")[order]
+    late = in_lake & (watermark - m.allowed_lateness_ms >= ts - ts % m.window_ms + m.window_ms)
+    seen = in_lake & ~late
+    n_windows = len(starts)
+    n_truth = np.bincount(window[truth], minlength=n_windows)
+    emitted = n_truth > 0
+    t_res, t_vals, t_bounds = _subset_values(agg, values, labels, truth, window, emitted)
+    per_subset = {}
+    for name, mask in (("first", first), ("landed", in_lake), ("seen", seen)):
+        differs = np.bincount(window[mask != truth], minlength=n_windows) > 0
+        per_subset[name] = (*_subset_values(agg, values, labels, mask, window, emitted & differs), differs)
+    n_first = np.bincount(window[first], minlength=n_windows)
+    n_landed = np.bincount(window[in_lake], minlength=n_windows)
+    n_seen = np.bincount(window[seen], minlength=n_windows)
+    s_vals, s_bounds, s_differs = per_subset["seen"][1], per_subset["seen"][2], per_subset["seen"][3]
+    rows = []
+    for w in np.flatnonzero(emitted).tolist():
+        start, key = int(starts[w]), keys[w]
+        v_truth, d_truth = t_res[w]
+        v = {n: (res[w][0] if differs[w] else v_truth) for n, (res, _, _, differs) in per_subset.items()}
+        s_value, s_detail = stream.get((m.name, key, start), (None, None))
+        error = acc = None
+        if s_value is not None:
+            t_slice = t_vals[t_bounds[w] : t_bounds[w + 1]]
+            seen_slice = s_vals[s_bounds[w] : s_bounds[w + 1]] if s_differs[w] else t_slice
+            if labels is not None:
+                t_slice, seen_slice = labels[t_slice], labels[seen_slice]
+            error, acc = agg.accuracy(s_value, s_detail, t_slice, (v_truth, d_truth), seen_slice)
+        rows.append(
+            (
+                m.name,
+                key,
+                start,
+                start + m.window_ms,
+                float(v_truth),
+                int(n_truth[w]),
+                json.dumps(d_truth) if d_truth is not None else None,
+                s_value,
+                error,
+                int(n_truth[w] - n_first[w]),
+                int(n_landed[w] - n_first[w]),
+                int(n_landed[w] - n_seen[w]),
+                _diff(v["first"], v_truth),
+                _diff(v["landed"], v["first"]),
+                _diff(v["seen"], v["landed"]),
+                _diff(s_value, v["seen"]),
+                json.dumps(acc) if acc else None,
+            )
+        )
+    return rows
 
 
 def _diff(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
-
-
-def window_accuracy(pdf: pd.DataFrame, metrics: list[Metric], stream: StreamValues) -> pd.DataFrame:
-    """Flagged records of some groups -> per (metric, group, window): truth, error and its attribution."""
-    rows = []
-    ts = pdf["event_time_ms"].to_numpy(dtype="int64")
-    in_lake = pdf["_in_lake"].to_numpy(dtype=bool)
-    first_copy = in_lake & (pdf["_copy"].to_numpy() == 0)
-    in_truth = pdf["_in_truth"].to_numpy(dtype=bool)
-    watermark = pdf["_watermark_ms"].to_numpy(dtype="int64")
-    for m in metrics:
-        agg = m.aggregate
-        starts = ts - ts % m.window_ms  # windows.window_start, element-wise
-        late = in_lake & (watermark - m.allowed_lateness_ms >= starts + m.window_ms)
-        values = (m.value_fn(pdf) if m.value_fn is not None else pd.Series(1.0, index=pdf.index)).tolist()
-        keys = group_keys(pdf, m.group_by).tolist()
-        windows: dict[tuple[int, str], list[int]] = {}
-        for i, wk in enumerate(zip(starts.tolist(), keys, strict=True)):
-            windows.setdefault(wk, []).append(i)
-        for (start, key), idx in sorted(windows.items()):
-            truth = [values[i] for i in idx if in_truth[i]]
-            if not truth:
-                continue
-            first = [values[i] for i in idx if first_copy[i]]
-            landed = [values[i] for i in idx if in_lake[i]]
-            seen = [values[i] for i in idx if in_lake[i] and not late[i]]
-            v_truth, d_truth = agg.exact(truth)
-            v_first, v_landed, v_seen = _value(agg, first)[0], _value(agg, landed)[0], _value(agg, seen)[0]
-            s_value, s_detail = stream.get((m.name, key, start), (None, None))
-            error = acc = None
-            if s_value is not None:
-                error = agg.error(s_value, s_detail, truth)
-                acc = _accuracy_detail(agg, s_value, s_detail, truth, seen)
-            rows.append(
-                (
-                    m.name,
-                    key,
-                    start,
-                    start + m.window_ms,
-                    float(v_truth),
-                    len(truth),
-                    json.dumps(d_truth) if d_truth is not None else None,
-                    s_value,
-                    error,
-                    len(truth) - len(first),
-                    len(landed) - len(first),
-                    len(landed) - len(seen),
-                    _diff(v_first, v_truth),
-                    _diff(v_landed, v_first),
-                    _diff(v_seen, v_landed),
-                    _diff(s_value, v_seen),
-                    json.dumps(acc) if acc else None,
-                )
-            )
-    return pd.DataFrame(rows, columns=TRUTH_COLUMNS + ACCURACY_COLUMNS)
-
-
-def _accuracy_detail(agg: Aggregate, s_value: float, s_detail: Any, truth: list[Any], seen: list[Any]) -> dict:
-    """Kind-specific figures beside the error: recall for top-k, the sketch's own rank error, FF/lower bound."""
-    from batchmark.aggregates import BinPacking, Quantile, TopK, rank_error
-
-    if isinstance(agg, TopK):
-        return agg.recall(s_detail, truth)
-    if isinstance(agg, Quantile) and seen:
-        return {"sketch_rank_error": rank_error(s_value, sorted(seen), agg.q)}
-    if isinstance(agg, BinPacking):
-        lower = agg.exact(truth)[1]["lower_bound"]
-        return {"ff_over_lower_bound": s_value / lower if lower else None, "lower_bound": lower}
-    return {}

@@ -189,3 +189,108 @@ def generate(cfg: GeneratorConfig, out: Path, archive: Path | None = None) -> Ma
 
 def manifest_path(data_file: Path) -> Path:
     return data_file.with_name(data_file.name + ".manifest.json")
+
+
+def write_lake_day(
+    cfg: GeneratorConfig, lake: Path, archive: Path | None = None, chunk_events: int = 1_000_000
+) -> dict[str, int]:
+    """Land a generated day straight in the lake, as the stream would have, without a broker or a worker.
+
+    For the batch side at volumes a stream run would take long to produce (bench/batch, tests of the
+    recompute): Parquet files per partition in arrival order with offsets, the watermark each record met,
+    second copies of duplicated events and late records where they arrive. Lost events are left out of the
+    lake; with `archive`, the system of record (every event once, lost ones too) is written as JSONL. Work is
+    done in chunks of `chunk_events`, so memory stays bounded whatever the day's size. Returns the counts.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from batchmark.definitions import load_definitions
+    from batchmark.lake import arrow_schema, day_dir
+
+    schema = arrow_schema(load_definitions(Path(__file__).with_name("metrics.toml")).dataset)
+    rng = np.random.default_rng(cfg.seed)
+    start, end = day_bounds_ms(cfg.day)
+    parts = list(range(cfg.partitions))
+    partitioner = DefaultPartitioner()
+    tenant_part = np.array([partitioner(f"tenant-{t:02d}".encode(), parts, parts) for t in range(cfg.tenants)])
+    tenants = np.array([f"tenant-{t:02d}" for t in range(cfg.tenants)], dtype=object)
+    users = np.array(
+        [f"user-{t:02d}-{u:05d}" for t in range(cfg.tenants) for u in range(cfg.users_per_tenant)], dtype=object
+    )
+    t_weights = _zipf_weights(cfg.tenants, cfg.skew)
+    u_weights = _zipf_weights(cfg.users_per_tenant, cfg.skew)
+    out_dir = day_dir(lake, cfg.day)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    epoch = f"bench{cfg.seed:04d}"
+    next_offset = dict.fromkeys(parts, 0)
+    watermark = dict.fromkeys(parts, -(2**62))
+    counts = {"events": 0, "lake_records": 0, "duplicates": 0, "late": 0, "lost": 0}
+    late_min = cfg.window_ms + cfg.lateness_ms + 1_000
+    arch = open(archive, "wb") if archive is not None else None  # noqa: SIM115 (closed below)
+    try:
+        for lo in range(0, cfg.events, chunk_events):
+            n = min(chunk_events, cfg.events - lo)
+            span = (end - start) / cfg.events
+            times = np.sort(rng.integers(int(start + lo * span), int(start + (lo + n) * span), size=n))
+            t_ix = rng.choice(cfg.tenants, size=n, p=t_weights)
+            u_ix = rng.choice(cfg.users_per_tenant, size=n, p=u_weights)
+            cols = {
+                "event_id": pa.array([f"{cfg.day.isoformat()}-{i:09d}" for i in range(lo, lo + n)], pa.string()),
+                "event_time_ms": pa.array(times, pa.int64()),
+                "tenant": pa.array(tenants[t_ix], pa.string()),
+                "user": pa.array(users[t_ix * cfg.users_per_tenant + u_ix], pa.string()),
+                "job_id": pa.array([f"job-{i:09d}" for i in range(lo, lo + n)], pa.string()),
+                "cpu": pa.array(rng.choice(CPUS, size=n)),
+                "mem_gb": pa.array(rng.choice(MEMS, size=n)),
+                "duration_s": pa.array(np.round(rng.lognormal(4.0, 1.2, size=n)).clip(1, 2_592_000)),
+            }
+            events = pa.table(cols)
+            if arch is not None:  # the system of record: ISO times with a zone, as a source would write them
+                iso = np.datetime_as_string(times.astype("datetime64[ms]"), unit="ms")
+                text = {k: pc.cast(v, pa.string()) for k, v in cols.items()}
+                parts_ = ['{"event_id":"', text["event_id"], '","event_time":"', pa.array(iso), 'Z","tenant":"']
+                parts_ += [text["tenant"], '","user":"', text["user"], '","job_id":"', text["job_id"], '","cpu":']
+                parts_ += [text["cpu"], ',"mem_gb":', text["mem_gb"], ',"duration_s":', text["duration_s"], "}\n"]
+                lines = pc.binary_join_element_wise(*parts_, "").combine_chunks()  # its data buffer: the lines
+                offsets = np.frombuffer(lines.buffers()[1], dtype=np.int32, count=len(lines) + 1, offset=0)
+                arch.write(memoryview(lines.buffers()[2])[offsets[0] : offsets[-1]])
+            kinds = rng.random(n)
+            lost = kinds < cfg.lost
+            late = (kinds >= cfg.lost) & (kinds < cfg.lost + cfg.late)
+            dup = rng.random(n) < cfg.duplicates
+            delay = np.zeros(n, dtype=np.int64)
+            delay[late] = rng.integers(late_min, late_min + 300_000, size=int(late.sum()))
+            keep = np.flatnonzero(~lost)
+            copies = np.flatnonzero(dup & ~lost)
+            rows = np.concatenate([keep, copies])
+            arrival = np.concatenate(
+                [times[keep] + delay[keep], times[copies] + rng.integers(1, max(2, cfg.lateness_ms // 2), len(copies))]
+            )
+            part = tenant_part[t_ix[rows]]
+            counts["events"] += n
+            counts["lost"] += int(lost.sum())
+            counts["duplicates"] += len(copies)
+            counts["lake_records"] += len(rows)
+            for p in parts:
+                sel = np.flatnonzero(part == p)
+                sel = sel[np.argsort(arrival[sel], kind="stable")]
+                ix = rows[sel]
+                ts = times[ix]
+                met = np.maximum.accumulate(np.concatenate([[watermark[p]], ts]))  # before each record
+                counts["late"] += int((met[:-1] - cfg.lateness_ms >= ts - ts % cfg.window_ms + cfg.window_ms).sum())
+                watermark[p] = int(met[-1])
+                first = next_offset[p]
+                next_offset[p] += len(ix)
+                table = events.take(pa.array(ix)).append_column("_epoch", pa.array([epoch] * len(ix), pa.string()))
+                table = table.append_column("_partition", pa.array(np.full(len(ix), p, dtype=np.int32)))
+                table = table.append_column("_offset", pa.array(np.arange(first, next_offset[p], dtype=np.int64)))
+                table = table.append_column("_watermark_ms", pa.array(met[:-1], pa.int64())).cast(schema)
+                name = f"part-{epoch}-p{p}-{first:012d}-{next_offset[p] - 1:012d}.parquet"
+                pq.write_table(table, out_dir / name, compression="snappy", use_dictionary=["_epoch", "_partition"])
+    finally:
+        if arch is not None:
+            arch.close()
+    return counts

@@ -202,3 +202,54 @@ def test_every_kind_reports_the_memory_of_its_state() -> None:
             assert 8 * len(state) <= got <= 32 * len(state), (len(state), got)
         else:
             assert 0 < got <= (5000 if agg.probabilistic else 64), (kind, got)
+
+
+def _random_windows(rng: random.Random, pool: list, max_windows: int = 12) -> tuple[list[list], np.ndarray]:
+    windows = [[rng.choice(pool) for _ in range(rng.choice([1, 1, 2, 3, 7, 40, 300]))] for _ in range(max_windows)]
+    bounds = np.concatenate([[0], np.cumsum([len(w) for w in windows])])
+    return windows, bounds
+
+
+@pytest.mark.parametrize(
+    ("kind", "params", "pool"),
+    [
+        ("count", {}, [1.0]),
+        ("sum", {}, [0.25, 1.5, 3.0, 1e6, 0.1, 1e-3, 7.0 / 3.0, 1e300, -1e300]),
+        ("sum", {}, [0.25, 4.0, 16.0, 150.0, 0.5]),  # multiples of 0.25: the vectorized path
+        ("mean", {}, [0.1, 0.2, 0.3, 1e16, 1.0]),
+        ("min", {}, [3.0, -1.0, 2.5, 1e9]),
+        ("max", {}, [3.0, -1.0, 2.5, 1e9]),
+        ("distinct", {}, ["a", "b", "c", "user-1", "ä", "B"]),
+        ("distinct", {}, [1.0, 2.0, 2.5, 10.0]),
+        ("quantile", {"q": 0.5}, [1.0, 2.0, 3.0, 5.0, 8.0, 100.0]),
+        ("quantile", {"q": 0.99}, [1.0, 2.0, 3.0, 5.0, 8.0, 100.0]),
+        ("topk", {"k": 3}, ["u1", "u2", "u3", "u10", "u2b", "Z", "é"]),
+        ("binpack", {"capacity": 128.0}, [0.5, 1.0, 4.0, 16.0, 64.0, 100.0, 128.0, 200.0, 300.0, 0.0]),
+        ("binpack", {"capacity": 1.0}, [0.1, 0.2, 0.3, 0.7, 0.45]),
+    ],
+)
+def test_exact_windows_equals_exact_of_each_window(kind: str, params: dict, pool: list) -> None:
+    from batchmark.aggregates import aggregate_for
+
+    agg = aggregate_for(kind, params)
+    rng = random.Random(hash((kind, str(params))) % 1000)
+    for _ in range(40):
+        windows, bounds = _random_windows(rng, pool)
+        if agg.sorted_input:
+            windows = [sorted(w) for w in windows]
+        values = np.array([v for w in windows for v in w], dtype=object if isinstance(pool[0], str) else None)
+        got = agg.exact_windows(values, bounds)
+        want = [agg.exact(w) for w in windows]
+        assert [(repr(v), d) for v, d in got] == [(repr(v), d) for v, d in want]  # repr: bit for bit
+
+
+def test_first_fit_decreasing_is_first_fit_on_sorted_items() -> None:
+    from batchmark.aggregates import first_fit_decreasing
+
+    rng = random.Random(3)
+    for _ in range(3000):
+        capacity = rng.choice([1.0, 10.0, 128.0, 0.3])
+        pool = [rng.choice([0.0, 0.1, 0.2, 0.3, 0.5, 1.0, 7.5, 64.0, 100.0, 129.0, 300.0]) for _ in range(5)]
+        pool.append(rng.random() * capacity * 1.5)
+        items = sorted((rng.choice(pool) for _ in range(rng.randrange(60))), reverse=True)
+        assert first_fit_decreasing(items, capacity) == first_fit(items, capacity), (items, capacity)
