@@ -3,14 +3,19 @@
     spark-submit --master local[*] batch/recompute.py --date 2026-11-24 [--archive events.jsonl] [--run-id ID]
     (or: batchmark recompute --date 2026-11-24 [--archive events.jsonl])
 
-Reads date=<day>/ of the lake (every valid record the stream landed, with the watermark it met), drops records
-landed twice (same epoch, partition and offset), marks duplicate event ids, applies the stream's validation
-rules, and, when an archive (the system of record: a JSONL file of the day's events) is given, adds the events
-the stream never saw. Every metric is then computed with the core's window and aggregate code
-(batchmark.batch_compute) inside Spark, together with each window's accuracy against the stream's value and the
-attribution of the difference to lost, duplicated and late events and to the sketch itself. The day's rows of
-truth.results and quality.window_accuracy are replaced in one Postgres transaction: readers see the old day or
-the new one, never a mix. Prints one line ``BATCHMARK_RESULT {json}`` with the counts.
+One Spark job, and nothing proportional to the day passes through the driver:
+1. read date=<day>/ of the lake (every valid record the stream landed, with the watermark it met) and apply
+   the stream's validation rules as Spark expressions derived from the definitions (rules may have changed);
+2. one shuffle by event id: drop records landed twice (same epoch, partition and offset) and number the copies
+   of an event id in arrival order; when an archive (the system of record: JSONL, read in byte ranges) is
+   given, the same shuffle joins it, so events the stream never saw enter the truth;
+3. the stream's values for the day are read by the executors from Postgres and cogrouped with the records by
+   (plan, bucket of whole windows, shard of group keys); each group runs the core's vectorized
+   ``window_accuracy`` (batchmark.batch_compute): truth, error and its attribution per window;
+4. executors COPY the rows into a staging table; the driver then replaces the day's rows of truth.results and
+   quality.window_accuracy from it in one transaction: readers see the old day or the new one, never a mix.
+Counts (records read, rejected by reason, truth events) are observed during that one pass. Prints one line
+``BATCHMARK_RESULT {json}``; ``--stages`` also times the job's prefixes (read, validate, dedupe, aggregate).
 """
 
 from __future__ import annotations
@@ -24,47 +29,78 @@ from pathlib import Path
 
 from batchmark import config, storage
 from batchmark.batch_compute import (
-    ACCURACY_COLUMNS,
     NO_WATERMARK,
     OUTPUT_SCHEMA,
     REJECT_COLUMN,
-    TRUTH_COLUMNS,
     bucket_ms,
+    cached_definitions,
     line_ranges,
     read_line_range,
-    validate_batches,
     window_accuracy,
 )
-from batchmark.definitions import load_definitions
+from batchmark.definitions import Dataset, Definitions, load_definitions
+from batchmark.events import REASONS
 from batchmark.lake import day_dir
 from batchmark.spark import RESULT_PREFIX
 from batchmark.windows import day_bounds_ms, parse_day
 
-
-def _spark_type(ftype: str) -> str:
-    return {"string": "string", "float": "double", "int": "bigint"}[ftype]
+SPARK_TYPES = {"string": "string", "float": "double", "int": "bigint"}
 
 
-def _metrics_fn(defs_path: str, names: list[str], stream: dict):
-    """The per-group function Spark runs: the core's window_accuracy for these metrics."""
+def used_fields(defs: Definitions) -> set[str]:
+    """The fields some metric reads (group keys, values): the only ones the job carries past the read."""
+    import ast
 
-    def compute(pdf):
-        d = load_definitions(defs_path)
-        return window_accuracy(pdf, [d.metric(n) for n in names], stream)
+    used = {k for m in defs.metrics for k in m.group_by}
+    for m in defs.metrics:
+        if m.value_expr:
+            used |= {n.id for n in ast.walk(ast.parse(m.value_expr, mode="eval")) if isinstance(n, ast.Name)}
+    return used
 
-    return compute
+
+def rejection_column(ds: Dataset):  # noqa: ANN201 (a pyspark Column)
+    """The reason code validate_record gives a typed lake row ('' when valid), as one Spark expression.
+
+    The same rules in the same order as batchmark.events.validate_record, for rows that are already typed (a
+    lake file's columns); tests/test_recompute.py holds the two to the same answers.
+    """
+    from pyspark.sql import functions as F
+
+    eid, ts = F.col("event_id"), F.col("event_time_ms")
+    checks = [
+        (eid.isNull(), "missing_field"),
+        ((F.length(eid) == 0) | (F.length(eid) > 128), "wrong_type"),
+        (ts.isNull(), "missing_field"),
+        ((ts < ds.min_event_time_ms) | (ts >= ds.max_event_time_ms), "out_of_range"),
+    ]
+    for f in ds.fields:
+        c = F.col(f"`{f.name}`")
+        checks.append((c.isNull(), "missing_field"))
+        if f.type == "string":
+            checks.append(((F.length(c) == 0) | (F.length(c) > f.max_length), "out_of_range"))
+            continue
+        if f.type == "float":
+            checks.append((F.isnan(c) | (F.abs(c) == float("inf")), "not_finite"))
+        if f.min is not None:
+            checks.append((c < f.min, "out_of_range"))
+        if f.max is not None:
+            checks.append((c > f.max, "out_of_range"))
+    expr = F.lit("")
+    for cond, reason in reversed(checks):
+        expr = F.when(cond, F.lit(reason)).otherwise(expr)
+    return expr
 
 
-def _archive_fn(defs_path: str, start_ms: int, end_ms: int, batch_rows: int = 50_000):
+def _archive_fn(defs_path: str, start_ms: int, end_ms: int, batch_rows: int = 50_000):  # noqa: ANN202
     """Read byte ranges of the archive and validate each line with the core's rules: the day's valid events, and
     every rejection. Each input row is (path, start, end); output comes in frames of at most batch_rows."""
 
-    def parse(batches):
+    def parse(batches):  # noqa: ANN001, ANN202
         import pandas as pd
 
         from batchmark.events import Rejection, validate
 
-        d = load_definitions(defs_path)
+        d = cached_definitions(defs_path)
         names = ["event_id", "event_time_ms", *d.dataset.field_names]
         for ranges in batches:
             rows = []
@@ -84,15 +120,186 @@ def _archive_fn(defs_path: str, start_ms: int, end_ms: int, batch_rows: int = 50
     return parse
 
 
-def stream_values(url: str, day) -> dict:  # noqa: ANN001
-    """{(metric, group_key, window_start_ms): (value, detail)} of the stream for the day."""
-    with storage.transaction(url) as cur:
-        cur.execute(
-            "SELECT metric, group_key, (extract(epoch FROM window_start) * 1000)::bigint, value, detail "
-            "FROM stream.results WHERE day = %s",
-            (day,),
+def _stream_fn(url: str, day: str):  # noqa: ANN202
+    """An executor reads the stream's values of the day (the driver never holds them)."""
+
+    def read(batches):  # noqa: ANN001, ANN202
+        import pandas as pd
+
+        from batchmark import storage as st
+
+        for _ in batches:
+            with st.transaction(url) as cur:
+                cur.execute(
+                    "SELECT metric, group_key, (extract(epoch FROM window_start) * 1000)::bigint, value, "
+                    "detail::text FROM stream.results WHERE day = %s",
+                    (day,),
+                )
+                rows = cur.fetchall()
+            yield pd.DataFrame(rows, columns=["metric", "group_key", "window_start_ms", "value", "detail"])
+
+    return read
+
+
+def _windows_fn(defs_path: str, plans: list[list[str]], busy):  # noqa: ANN001, ANN202
+    """The per-group function: the core's window_accuracy for the plan's metrics, against the stream's values.
+    `busy` (an accumulator) adds up the seconds the workers spend in it."""
+
+    def compute(key, records, stream):  # noqa: ANN001, ANN202
+        t = time.monotonic()
+        d = cached_definitions(defs_path)
+        values = {
+            (m, g, int(s)): (v, json.loads(det) if det else None)
+            for m, g, s, v, det in stream[["metric", "group_key", "window_start_ms", "value", "detail"]].itertuples(
+                index=False, name=None
+            )
+        }
+        out = window_accuracy(records, [d.metric(n) for n in plans[int(key[0])]], values)
+        busy.add(time.monotonic() - t)
+        return out
+
+    return compute
+
+
+def _writer_fn(url: str, run_id: str):  # noqa: ANN202
+    """Executors COPY their result rows into truth.staging under the run's id; each task says how many."""
+
+    def write(batches):  # noqa: ANN001, ANN202
+        import io
+
+        import pandas as pd
+
+        from batchmark import storage as st
+
+        rows = 0
+        for pdf in batches:
+            if pdf.empty:
+                continue
+            buf = io.StringIO()
+            pdf.insert(0, "run_id", run_id)
+            pdf.to_csv(buf, index=False, header=False, na_rep="\\N")  # unquoted \\N is NULL
+            buf.seek(0)
+            st.copy_to_staging(url, buf)
+            rows += len(pdf)
+        yield pd.DataFrame({"rows": [rows]})
+
+    return write
+
+
+def build(spark, defs: Definitions, defs_path: str, lake_path: Path, archive: str | None, day, url: str, shards: int):  # noqa: ANN001, ANN201, PLR0913
+    """The day's job as DataFrames: (stages, observations); stages maps each prefix of the job to a DataFrame
+    (read, validate, dedupe, aggregate), the last one the per-window rows."""
+    from pyspark.sql import Observation, Window
+    from pyspark.sql import functions as F
+
+    ds = defs.dataset
+    fields = ["event_id", "event_time_ms", *[f for f in ds.field_names if f in used_fields(defs)]]
+    columns = ["event_id string", "event_time_ms bigint"] + [f"`{f.name}` {SPARK_TYPES[f.type]}" for f in ds.fields]
+    landing = ["_epoch string", "_partition int", "_offset bigint", "_watermark_ms bigint"]
+    raw = spark.read.schema(", ".join(columns + landing)).parquet(str(lake_path))
+    obs_lake = Observation("lake")
+    obs_truth = Observation("truth")
+    observations = {"lake": obs_lake, "truth": obs_truth}
+
+    # 1. validate, then 2. one shuffle by event id: records landed twice (same landing) go, copies are numbered
+    checked = raw.withColumn(REJECT_COLUMN, rejection_column(ds)).select(
+        *fields, "_epoch", "_partition", "_offset", "_watermark_ms", REJECT_COLUMN
+    )  # every field validated, only the used ones carried on
+    arrival = Window.partitionBy("event_id").orderBy(
+        F.col(REJECT_COLUMN) != "", "_epoch", "_partition", "_offset"
+    )  # valid records first: copies are numbered among them
+    ranked = (
+        checked.withColumn("_n", F.row_number().over(arrival))
+        .withColumn("_rank", F.rank().over(arrival))
+        .withColumn("_copy", F.dense_rank().over(arrival) - 1)
+        .where(F.col("_n") == F.col("_rank"))  # the first of equal landings
+    )
+    ranked = ranked.observe(
+        obs_lake,
+        F.count(F.lit(1)).alias("lake_records"),
+        *[F.sum(F.when(F.col(REJECT_COLUMN) == r, 1).otherwise(0)).alias(r) for r in REASONS],
+    )
+    lake = ranked.where(F.col(REJECT_COLUMN) == "").select(*fields, "_watermark_ms", "_copy")
+    if archive:
+        start_ms, end_ms = day_bounds_ms(day)
+        obs_archive = Observation("archive")
+        observations["archive"] = obs_archive
+        ranges = line_ranges(archive)  # one task per ~32 MB, each read as raw bytes
+        parsed = (
+            spark.createDataFrame(
+                spark.sparkContext.parallelize(ranges, len(ranges)), "path string, start bigint, `end` bigint"
+            )
+            .mapInPandas(_archive_fn(defs_path, start_ms, end_ms), ", ".join(columns) + f", {REJECT_COLUMN} string")
+            .observe(obs_archive, *[F.sum(F.when(F.col(REJECT_COLUMN) == r, 1).otherwise(0)).alias(r) for r in REASONS])
         )
-        return {(m, g, int(s)): (v, d) for m, g, s, v, d in cur.fetchall()}
+        archived = (
+            parsed.where(F.col(REJECT_COLUMN) == "")
+            .dropDuplicates(["event_id"])
+            .select(*[F.col(f"`{c}`").alias(f"_a_{c}") for c in fields])
+        )
+        joined = lake.join(archived, lake["event_id"] == archived["_a_event_id"], "full_outer")
+        in_lake = F.col("event_id").isNotNull()
+        records = joined.select(
+            *[F.when(in_lake, F.col(f"`{c}`")).otherwise(F.col(f"`_a_{c}`")).alias(c) for c in fields],
+            in_lake.alias("_in_lake"),
+            F.coalesce(F.col("_copy"), F.lit(0)).alias("_copy"),
+            (~in_lake | ((F.col("_copy") == 0) & F.col("_a_event_id").isNotNull())).alias("_in_truth"),
+            F.coalesce(F.col("_watermark_ms"), F.lit(NO_WATERMARK)).alias("_watermark_ms"),
+        )
+    else:
+        records = lake.select(
+            *fields, F.lit(True).alias("_in_lake"), "_copy", (F.col("_copy") == 0).alias("_in_truth"), "_watermark_ms"
+        )
+    records = records.observe(obs_truth, F.sum(F.col("_in_truth").cast("long")).alias("truth_events"))
+
+    # 3. per plan (metrics with the same group keys): groups of whole windows, cogrouped with the stream's values
+    plans: dict[tuple[str, ...], list] = {}
+    for m in defs.metrics:
+        plans.setdefault(m.group_by, []).append(m)
+    plan_keys = list(plans)
+    key_types = {f.name: SPARK_TYPES[f.type] for f in ds.fields}
+
+    def shard(cols):  # noqa: ANN001, ANN202
+        return F.pmod(F.hash(*cols), F.lit(shards))
+
+    if len(plan_keys) == 1:  # the usual case: every metric has the same group keys
+        exploded = records.withColumn("_plan", F.lit(0))
+    else:  # each record once per plan
+        exploded = records.withColumn("_plan", F.explode(F.array(*[F.lit(i) for i in range(len(plan_keys))])))
+    bucket = shard_col = None
+    for i, keys in enumerate(plan_keys):
+        b = F.floor(F.col("event_time_ms") / bucket_ms(plans[keys]))
+        s = shard([F.col(f"`{k}`") for k in keys])
+        bucket = F.when(F.col("_plan") == i, b) if bucket is None else bucket.when(F.col("_plan") == i, b)
+        shard_col = F.when(F.col("_plan") == i, s) if shard_col is None else shard_col.when(F.col("_plan") == i, s)
+    grouped = exploded.withColumn("_bucket", bucket).withColumn("_shard", shard_col)
+
+    metric_plan = {m.name: i for i, keys in enumerate(plan_keys) for m in plans[keys]}
+    stream = spark.range(1, numPartitions=1).mapInPandas(
+        _stream_fn(url, day.isoformat()),
+        "metric string, group_key string, window_start_ms bigint, value double, detail string",
+    )
+    plan_of = F.create_map(*[x for name, i in metric_plan.items() for x in (F.lit(name), F.lit(i))])
+    stream = stream.withColumn("_plan", plan_of[F.col("metric")])
+    s_bucket = s_shard = None
+    for i, keys in enumerate(plan_keys):
+        parts = F.split(F.col("group_key"), r"\|", len(keys))  # the text key back to typed values
+        typed = [parts.getItem(j).cast(key_types[k]) for j, k in enumerate(keys)]
+        b = F.floor(F.col("window_start_ms") / bucket_ms(plans[keys]))
+        s_bucket = F.when(F.col("_plan") == i, b) if s_bucket is None else s_bucket.when(F.col("_plan") == i, b)
+        sh = shard(typed)
+        s_shard = F.when(F.col("_plan") == i, sh) if s_shard is None else s_shard.when(F.col("_plan") == i, sh)
+    stream = stream.withColumn("_bucket", s_bucket).withColumn("_shard", s_shard)
+
+    names = [[m.name for m in plans[k]] for k in plan_keys]
+    busy = spark.sparkContext.accumulator(0.0)
+    out = (
+        grouped.groupBy("_plan", "_bucket", "_shard")
+        .cogroup(stream.groupBy("_plan", "_bucket", "_shard"))
+        .applyInPandas(_windows_fn(defs_path, names, busy), OUTPUT_SCHEMA)
+    )
+    stages = {"read": raw, "validate": checked, "dedupe": records, "aggregate": out}
+    return stages, observations, busy
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--date", required=True, help="the day to recompute, YYYY-MM-DD")
     parser.add_argument("--archive", default=None, help="JSONL file of the day's events: the system of record")
     parser.add_argument("--run-id", default=None)
+    parser.add_argument("--stages", action="store_true", help="also time the job's prefixes (for bench/batch)")
     args = parser.parse_args(argv)
     day = parse_day(args.date)
     run_id = args.run_id or f"manual-{uuid.uuid4().hex[:8]}"
@@ -113,114 +321,59 @@ def main(argv: list[str] | None = None) -> int:
         print(f"archive {args.archive} does not exist", file=sys.stderr)
         return 2
 
-    from pyspark.sql import SparkSession, Window
+    from pyspark.sql import SparkSession
     from pyspark.sql import functions as F
 
     t0 = time.monotonic()
     spark = SparkSession.builder.appName(f"batchmark-recompute-{day}").getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
-    ds = defs.dataset
-    columns = ["event_id string", "event_time_ms bigint"] + [f"`{f.name}` {_spark_type(f.type)}" for f in ds.fields]
-    schema = ", ".join(columns + ["_epoch string", "_partition int", "_offset bigint", "_watermark_ms bigint"])
-    raw = spark.read.schema(schema).parquet(str(path))
+    started = time.monotonic()
+    shards = int(spark.conf.get("spark.sql.shuffle.partitions", "8"))
+    archive = str(Path(args.archive).resolve()) if args.archive else None
     defs_path = str(settings.definitions_path)
-
-    def _validate(batches):  # runs on executors: reload the definitions there
-        yield from validate_batches(batches, load_definitions(defs_path))
-
-    landed = raw.dropDuplicates(["_epoch", "_partition", "_offset"])  # a record landed twice (at-least-once)
-    checked = landed.mapInPandas(_validate, f"{schema}, {REJECT_COLUMN} string").cache()
-    n_read = raw.count()
-    n_records = checked.count()
-    rejected = {
-        r[REJECT_COLUMN]: r["count"]
-        for r in checked.where(F.col(REJECT_COLUMN) != "").groupBy(REJECT_COLUMN).count().collect()
-    }
-    by_arrival = Window.partitionBy("event_id").orderBy("_epoch", "_partition", "_offset")
-    lake = (
-        checked.where(F.col(REJECT_COLUMN) == "")
-        .withColumn("_copy", F.row_number().over(by_arrival) - 1)  # 0: the first copy of its event id
-        .withColumn("_in_lake", F.lit(True))
-        .drop(REJECT_COLUMN, "_epoch", "_partition", "_offset")
-    )
-    fields = ["event_id", "event_time_ms", *ds.field_names]
-    archive_rejected: dict[str, int] = {}
-    if args.archive:
-        start_ms, end_ms = day_bounds_ms(day)
-        ranges = line_ranges(str(Path(args.archive).resolve()))  # one task per ~32 MB, each read as raw bytes
-        parsed = (
-            spark.createDataFrame(
-                spark.sparkContext.parallelize(ranges, len(ranges)), "path string, start bigint, `end` bigint"
-            )
-            .mapInPandas(_archive_fn(defs_path, start_ms, end_ms), ", ".join(columns) + f", {REJECT_COLUMN} string")
-            .cache()
+    url = settings.database_url
+    stage_seconds: dict[str, float] = {}
+    if args.stages:  # each prefix of the job run to its end on its own: the differences are the stages' costs
+        stages, _, _ = build(spark, defs, defs_path, path, archive, day, url, shards)
+        for name, df in stages.items():
+            t = time.monotonic()
+            df.select(F.sum(F.hash(*df.columns) % 2)).collect()  # every column computed, nothing collected
+            stage_seconds[name] = round(time.monotonic() - t, 2)
+    stages, observations, busy = build(spark, defs, defs_path, path, archive, day, url, shards)
+    try:
+        t = time.monotonic()  # the job proper: what spark_seconds counts beside the start-up
+        written = (
+            stages["aggregate"].mapInPandas(_writer_fn(url, run_id), "rows long").agg(F.sum("rows")).collect()[0][0]
         )
-        archive_rejected = {
-            r[REJECT_COLUMN]: r["count"]
-            for r in parsed.where(F.col(REJECT_COLUMN) != "").groupBy(REJECT_COLUMN).count().collect()
-        }
-        archive = parsed.where(F.col(REJECT_COLUMN) == "").drop(REJECT_COLUMN).dropDuplicates(["event_id"])
-        ids = archive.select("event_id").withColumn("_archived", F.lit(True))
-        lake = (
-            lake.join(ids, "event_id", "left")
-            .withColumn("_in_truth", (F.col("_copy") == 0) & F.col("_archived").isNotNull())
-            .drop("_archived")
-        )
-        unseen = (
-            archive.join(lake.select("event_id").distinct(), "event_id", "left_anti")
-            .withColumn("_copy", F.lit(0))
-            .withColumn("_in_lake", F.lit(False))
-            .withColumn("_in_truth", F.lit(True))
-            .withColumn("_watermark_ms", F.lit(NO_WATERMARK))
-        )
-        records = lake.select(*fields, "_in_lake", "_copy", "_in_truth", "_watermark_ms").unionByName(
-            unseen.select(*fields, "_in_lake", "_copy", "_in_truth", "_watermark_ms")
-        )
-    else:
-        records = lake.withColumn("_in_truth", F.col("_copy") == 0)
-    records = records.cache()
-    n_truth = records.where("_in_truth").count()
-
-    stream = stream_values(settings.database_url, day)
-    by_keys: dict[tuple[str, ...], list] = {}
-    for m in defs.metrics:
-        by_keys.setdefault(m.group_by, []).append(m)
-    out = []
-    for keys, metrics in by_keys.items():
-        bucket = F.floor(F.col("event_time_ms") / bucket_ms(metrics)).alias("_bucket")  # whole windows per task
-        fn = _metrics_fn(defs_path, [m.name for m in metrics], stream)
-        out.extend(records.groupBy(*[F.col(k) for k in keys], bucket).applyInPandas(fn, OUTPUT_SCHEMA).collect())
-    spark_s = time.monotonic() - t0
-    spark.stop()
-
-    def _j(text):  # noqa: ANN001, ANN202
-        return json.loads(text) if text else None
-
-    truth = [tuple(r[c] for c in TRUTH_COLUMNS[:-1]) + (_j(r["detail"]),) for r in out]
-    accuracy = [
-        (
-            r["metric"],
-            r["group_key"],
-            r["window_start_ms"],
-            *(r[c] for c in ACCURACY_COLUMNS[:-1]),
-            _j(r["accuracy_detail"]),
-        )
-        for r in out
-    ]
-    t1 = time.monotonic()
-    storage.replace_truth_day(settings.database_url, day, [m.name for m in defs.metrics], truth, run_id, accuracy)
+        job_s = time.monotonic() - t
+        n_read = spark.read.parquet(str(path)).count()  # parquet footers: no data read
+        lake, truth = observations["lake"].get, observations["truth"].get
+        archive_rejected = observations["archive"].get if archive else {}
+        spark_s = (started - t0) + (time.monotonic() - t)
+        spark.stop()
+        t1 = time.monotonic()
+        rows = storage.swap_truth_day(url, day, [m.name for m in defs.metrics], run_id)
+        swap_s = time.monotonic() - t1
+    except BaseException:
+        storage.clear_staging(url, run_id)
+        raise
     summary = {
         "day": day.isoformat(),
         "run_id": run_id,
         "lake_records_read": n_read,
-        "lake_records": n_records,
-        "truth_events": n_truth,
-        "rejected": rejected,
-        "archive_rejected": archive_rejected,
-        "rows": len(truth),
-        "archive": bool(args.archive),
+        "lake_records": lake["lake_records"],
+        "truth_events": truth["truth_events"] or 0,
+        "rejected": {r: lake[r] for r in REASONS if lake[r]},
+        "archive_rejected": {r: n for r, n in archive_rejected.items() if n},
+        "rows": rows,
+        "rows_written": written or 0,
+        "archive": bool(archive),
         "spark_seconds": round(spark_s, 2),
-        "write_seconds": round(time.monotonic() - t1, 2),
+        "startup_seconds": round(started - t0, 2),
+        "job_seconds": round(job_s, 2),
+        "window_compute_seconds": round(busy.value, 2),  # summed over the workers (window_accuracy)
+        "write_seconds": round(swap_s, 2),
+        "stage_seconds": stage_seconds,
     }
     print(RESULT_PREFIX + json.dumps(summary), flush=True)
     return 0

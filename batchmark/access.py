@@ -5,8 +5,8 @@ role                   writes                                      reads
 =====================  ==========================================  =============================================
 ``batchmark_stream``   stream.* (results, late_events,             stream.*
                        checkpoints)
-``batchmark_batch``    truth.results, quality.window_accuracy      stream.results (the stream's values beside
-                                                                   the truth), truth.results,
+``batchmark_batch``    truth.results, truth.staging,               stream.results (the stream's values beside
+                       quality.window_accuracy                     the truth), truth.results,
                                                                    quality.window_accuracy
 ``batchmark_quality``  quality.metrics, quality.accuracy_history,  quality.* (incl. the view quality.comparison),
                        quality.task_failures                       truth.results, stream.results
@@ -64,6 +64,7 @@ TABLES: dict[str, dict[tuple[str, str], tuple[str, ...]]] = {
     BATCH: {
         ("stream", "results"): READ,
         ("truth", "results"): WRITE,
+        ("truth", "staging"): WRITE,
         ("quality", "window_accuracy"): WRITE,
     },
     QUALITY: {

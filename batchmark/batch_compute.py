@@ -26,8 +26,7 @@ import numpy as np
 import pandas as pd
 
 from batchmark.aggregates import Aggregate, text_codes
-from batchmark.definitions import Definitions, Metric
-from batchmark.events import Rejection, validate_record
+from batchmark.definitions import Definitions, Metric, load_definitions
 
 REJECT_COLUMN = "_reject_reason"
 FLAG_COLUMNS = ["_in_lake", "_copy", "_in_truth", "_watermark_ms"]
@@ -55,6 +54,17 @@ StreamValues = dict[tuple[str, str, int], tuple[float, Any]]
 ARCHIVE_CHUNK_BYTES = 32 * 1024 * 1024
 
 
+_DEFINITIONS: dict[tuple[str, float], Definitions] = {}
+
+
+def cached_definitions(path: str | Path) -> Definitions:
+    """The definitions file, parsed once per process (Spark's Python workers are reused across tasks)."""
+    key = (str(path), os.path.getmtime(path))
+    if key not in _DEFINITIONS:
+        _DEFINITIONS[key] = load_definitions(path)
+    return _DEFINITIONS[key]
+
+
 def line_ranges(path: str | Path, chunk_bytes: int = ARCHIVE_CHUNK_BYTES) -> list[tuple[str, int, int]]:
     """Split a JSONL file into byte ranges of about chunk_bytes, one Spark task each: a day's archive is then
     read in parallel with memory bounded by a chunk, never whole (a 1.6M-event day as one blob overflowed the
@@ -80,25 +90,6 @@ def read_line_range(path: str | Path, start: int, end: int) -> Iterator[bytes]:
             line = line.rstrip(b"\n").rstrip(b"\r")
             if line:
                 yield line
-
-
-def validate_frame(pdf: pd.DataFrame, defs: Definitions) -> pd.DataFrame:
-    """Apply the stream's validation rules to lake rows; adds a reject-reason column ('' when valid)."""
-    ds = defs.dataset
-    names = ds.field_names
-    reasons = []
-    for rec in pdf[["event_id", "event_time_ms", *names]].itertuples(index=False, name=None):
-        obj = {ds.event_id: rec[0], ds.event_time: int(rec[1]), **dict(zip(names, rec[2:], strict=True))}
-        result = validate_record(obj, ds)
-        reasons.append(result.reason if isinstance(result, Rejection) else "")
-    out = pdf.copy()
-    out[REJECT_COLUMN] = reasons
-    return out
-
-
-def validate_batches(batches: Iterator[pd.DataFrame], defs: Definitions) -> Iterator[pd.DataFrame]:
-    for pdf in batches:
-        yield validate_frame(pdf, defs)
 
 
 def group_keys(pdf: pd.DataFrame, keys: tuple[str, ...]) -> pd.Series:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from batchmark.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -13,6 +16,67 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def _env(name: str, default: str) -> str:
     value = os.environ.get(name, "").strip()
     return value or default
+
+
+@dataclass(frozen=True)
+class SparkSettings:
+    """How the recompute runs on Spark; the master is Settings.spark_master (SPARK_MASTER).
+
+    shuffle_partitions  BATCHMARK_SPARK_SHUFFLE_PARTITIONS  also the shards of group keys per bucket (default 8)
+    driver_memory       BATCHMARK_SPARK_DRIVER_MEMORY       e.g. 2g; empty: Spark's default (1g)
+    executor_memory     BATCHMARK_SPARK_EXECUTOR_MEMORY     per executor on a cluster; empty: Spark's default
+    executor_cores      BATCHMARK_SPARK_EXECUTOR_CORES      per executor on a cluster; empty: Spark's default
+    python              BATCHMARK_SPARK_PYTHON              the executors' Python (a cluster's is not ours);
+                                                            default: this process's interpreter
+    conf                BATCHMARK_SPARK_CONF                any other Spark settings: "key=value key=value"
+    """
+
+    shuffle_partitions: int = 8
+    driver_memory: str = ""
+    executor_memory: str = ""
+    executor_cores: str = ""
+    python: str = field(default_factory=lambda: sys.executable)
+    conf: dict[str, str] = field(default_factory=dict)
+
+    def spark_conf(self) -> dict[str, str]:
+        """Every setting as Spark configuration keys (conf last: it overrides the named ones)."""
+        out = {"spark.sql.shuffle.partitions": str(self.shuffle_partitions), "spark.pyspark.python": self.python}
+        named = {
+            "spark.driver.memory": self.driver_memory,
+            "spark.executor.memory": self.executor_memory,
+            "spark.executor.cores": self.executor_cores,
+        }
+        out.update({k: v for k, v in named.items() if v})
+        out.update(self.conf)
+        return out
+
+
+def parse_spark_conf(text: str) -> dict[str, str]:
+    """'k=v k2=v2' (spaces or commas between pairs) -> {k: v}; a pair without '=' is refused with a fix."""
+    out = {}
+    for pair in text.replace(",", " ").split():
+        key, sep, value = pair.partition("=")
+        if not sep or not key.startswith("spark."):
+            raise ConfigError(
+                f"BATCHMARK_SPARK_CONF: {pair!r} is not spark.<key>=<value>; "
+                "write e.g. BATCHMARK_SPARK_CONF='spark.executor.instances=2 spark.memory.fraction=0.7'"
+            )
+        out[key] = value
+    return out
+
+
+def _spark_settings() -> SparkSettings:
+    partitions = _env("BATCHMARK_SPARK_SHUFFLE_PARTITIONS", "8")
+    if not partitions.isdigit() or int(partitions) < 1:
+        raise ConfigError(f"BATCHMARK_SPARK_SHUFFLE_PARTITIONS must be a whole number >= 1, got {partitions!r}")
+    return SparkSettings(
+        shuffle_partitions=int(partitions),
+        driver_memory=_env("BATCHMARK_SPARK_DRIVER_MEMORY", ""),
+        executor_memory=_env("BATCHMARK_SPARK_EXECUTOR_MEMORY", ""),
+        executor_cores=_env("BATCHMARK_SPARK_EXECUTOR_CORES", ""),
+        python=_env("BATCHMARK_SPARK_PYTHON", sys.executable),
+        conf=parse_spark_conf(_env("BATCHMARK_SPARK_CONF", "")),
+    )
 
 
 @dataclass(frozen=True)
@@ -31,6 +95,7 @@ class Settings:
     events_topic: str = "events"
     dlq_topic: str = "events.dlq"
     partitions: int = 2
+    spark: SparkSettings = field(default_factory=lambda: SparkSettings())
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -76,4 +141,5 @@ def load() -> Settings:
         events_topic=_env("BATCHMARK_EVENTS_TOPIC", "events"),
         dlq_topic=_env("BATCHMARK_DLQ_TOPIC", "events.dlq"),
         partitions=int(_env("BATCHMARK_PARTITIONS", "2")),
+        spark=_spark_settings(),
     )

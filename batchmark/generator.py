@@ -229,6 +229,8 @@ def write_lake_day(
     watermark = dict.fromkeys(parts, -(2**62))
     counts = {"events": 0, "lake_records": 0, "duplicates": 0, "late": 0, "lost": 0}
     late_min = cfg.window_ms + cfg.lateness_ms + 1_000
+    if archive is not None:
+        archive.parent.mkdir(parents=True, exist_ok=True)
     arch = open(archive, "wb") if archive is not None else None  # noqa: SIM115 (closed below)
     try:
         for lo in range(0, cfg.events, chunk_events):
@@ -254,7 +256,9 @@ def write_lake_day(
                 parts_ = ['{"event_id":"', text["event_id"], '","event_time":"', pa.array(iso), 'Z","tenant":"']
                 parts_ += [text["tenant"], '","user":"', text["user"], '","job_id":"', text["job_id"], '","cpu":']
                 parts_ += [text["cpu"], ',"mem_gb":', text["mem_gb"], ',"duration_s":', text["duration_s"], "}\n"]
-                lines = pc.binary_join_element_wise(*parts_, "").combine_chunks()  # its data buffer: the lines
+                lines = pc.binary_join_element_wise(*parts_, "")
+                if isinstance(lines, pa.ChunkedArray):
+                    lines = lines.combine_chunks()  # one string array: its data buffer holds the lines
                 offsets = np.frombuffer(lines.buffers()[1], dtype=np.int32, count=len(lines) + 1, offset=0)
                 arch.write(memoryview(lines.buffers()[2])[offsets[0] : offsets[-1]])
             kinds = rng.random(n)

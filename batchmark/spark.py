@@ -51,54 +51,59 @@ def error_excerpt(output: str | None, limit: int = 40) -> str:
     return "\n".join((errors or lines)[-limit:])
 
 
-def submit(settings: Settings, day: date, run_id: str, timeout_s: float = 1800) -> dict[str, object]:
-    """Run batch/recompute.py for one day with spark-submit; returns the job's result summary."""
-    check_java()
-    venv_bin = Path(sys.executable).parent
-    spark_submit = venv_bin / "spark-submit"
+def command(settings: Settings, day: date, run_id: str, job: Path = JOB, extra: list[str] | None = None) -> list[str]:
+    """The spark-submit command line of the recompute for one day, every setting from the configuration."""
+    spark_submit = Path(sys.executable).parent / "spark-submit"
     local = settings.spark_master.startswith("local")
-    cmd = [
-        str(spark_submit),
-        "--master",
-        settings.spark_master,
-        "--conf",
-        "spark.sql.session.timeZone=UTC",
-        "--conf",
-        "spark.sql.shuffle.partitions=8",
-        "--conf",
-        f"spark.pyspark.python={sys.executable}",
-    ]
+    conf = {"spark.sql.session.timeZone": "UTC", **settings.spark.spark_conf()}
     if local:  # keep every listener on loopback; a cluster driver must be reachable by its executors
-        cmd += [
-            "--conf",
-            "spark.driver.bindAddress=127.0.0.1",
-            "--conf",
-            "spark.driver.host=127.0.0.1",
-            "--conf",
-            "spark.ui.enabled=false",
-        ]
-    cmd += [str(JOB), "--date", day.isoformat(), "--run-id", run_id]
+        conf = {
+            "spark.driver.bindAddress": "127.0.0.1",
+            "spark.driver.host": "127.0.0.1",
+            "spark.ui.enabled": "false",
+            **conf,
+        }
+    cmd = [str(spark_submit), "--master", settings.spark_master]
+    for key, value in conf.items():
+        cmd += ["--conf", f"{key}={value}"]
+    cmd += [str(job), "--date", day.isoformat(), "--run-id", run_id, *(extra or [])]
     if settings.archive_file(day).exists():  # truth from the system of record: lost events become visible
         cmd += ["--archive", str(settings.archive_file(day))]
+    return cmd
+
+
+def environment(settings: Settings) -> dict[str, str]:
+    """The environment spark-submit runs in: the job reads its settings from it, like every batchmark process."""
+    venv_bin = Path(sys.executable).parent
     env = {
         **os.environ,
-        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_PYTHON": settings.spark.python,
         "PYSPARK_DRIVER_PYTHON": sys.executable,
         "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
         "BATCHMARK_LAKE": str(settings.lake),
         "DATABASE_URL": settings.database_url,
         "BATCHMARK_DEFINITIONS": str(settings.definitions_path),
     }
-    if local:
+    if settings.spark_master.startswith("local"):
         env["SPARK_LOCAL_IP"] = "127.0.0.1"
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    return env
+
+
+def parse_result(day: date, returncode: int, output: str) -> dict[str, object]:
+    """The job's BATCHMARK_RESULT line, or an error that quotes why it failed."""
     result = None
-    for line in proc.stdout.splitlines():
+    for line in output.splitlines():
         if line.startswith(RESULT_PREFIX):
             result = json.loads(line[len(RESULT_PREFIX) :])
-    if proc.returncode != 0 or result is None:
-        raise BatchmarkError(
-            f"spark recompute for {day} failed (exit {proc.returncode}):\n"
-            + error_excerpt(f"{proc.stdout}\n{proc.stderr}")  # Spark 4 prints the driver's traceback to stdout
-        )
+    if returncode != 0 or result is None:
+        raise BatchmarkError(f"spark recompute for {day} failed (exit {returncode}):\n" + error_excerpt(output))
     return result
+
+
+def submit(settings: Settings, day: date, run_id: str, timeout_s: float = 1800) -> dict[str, object]:
+    """Run batch/recompute.py for one day with spark-submit; returns the job's result summary."""
+    check_java()
+    proc = subprocess.run(
+        command(settings, day, run_id), env=environment(settings), capture_output=True, text=True, timeout=timeout_s
+    )
+    return parse_result(day, proc.returncode, f"{proc.stdout}\n{proc.stderr}")  # Spark 4: driver traceback on stdout

@@ -97,6 +97,31 @@ CREATE TABLE IF NOT EXISTS quality.window_accuracy (
 );
 CREATE INDEX IF NOT EXISTS window_accuracy_day ON quality.window_accuracy (day, metric);
 
+-- A recompute's rows while Spark's executors write them, tagged with the run; the driver then swaps them into
+-- truth.results and quality.window_accuracy in one transaction and deletes them. Unlogged: a crash loses
+-- only a run that is retried whole.
+CREATE UNLOGGED TABLE IF NOT EXISTS truth.staging (
+    run_id           text             NOT NULL,
+    metric           text             NOT NULL,
+    group_key        text             NOT NULL,
+    window_start_ms  bigint           NOT NULL,
+    window_end_ms    bigint           NOT NULL,
+    value            double precision,
+    n_events         bigint           NOT NULL,
+    detail           text,
+    stream_value     double precision,
+    error            double precision,
+    n_lost           bigint           NOT NULL,
+    n_dup            bigint           NOT NULL,
+    n_late           bigint           NOT NULL,
+    lost_effect      double precision,
+    dup_effect       double precision,
+    late_effect      double precision,
+    sketch_effect    double precision,
+    accuracy_detail  text
+);
+CREATE INDEX IF NOT EXISTS truth_staging_run ON truth.staging (run_id);
+
 CREATE TABLE IF NOT EXISTS quality.accuracy_history (
     id          bigserial PRIMARY KEY,
     run_id      text        NOT NULL,
@@ -341,6 +366,55 @@ def replace_truth_day(
             page_size=5000,
         )
     return len(rows)
+
+
+STAGING_COLUMNS = (
+    "run_id", "metric", "group_key", "window_start_ms", "window_end_ms", "value", "n_events", "detail",
+    "stream_value", "error", "n_lost", "n_dup", "n_late", "lost_effect", "dup_effect", "late_effect",
+    "sketch_effect", "accuracy_detail",
+)  # fmt: skip
+
+
+def copy_to_staging(url: str, csv_text: Any) -> None:
+    """COPY rows (CSV in STAGING_COLUMNS order, NULL as \\N) into truth.staging: what each Spark executor does."""
+    with transaction(url) as cur:
+        cur.copy_expert(
+            f"COPY truth.staging ({', '.join(STAGING_COLUMNS)}) FROM STDIN WITH (FORMAT csv, NULL '\\N')", csv_text
+        )
+
+
+def swap_truth_day(url: str, day: date, metrics: Sequence[str], run_id: str) -> int:
+    """Replace one day of truth and per-window accuracy with a run's staged rows, in one transaction; returns
+    the rows. Readers see the old day or the new one, never a mix; the staged rows are gone afterwards."""
+    epoch = "timestamptz 'epoch' + {} * interval '1 millisecond'"
+    with transaction(url) as cur:
+        cur.execute("DELETE FROM truth.results WHERE day = %s AND metric = ANY(%s)", (day, list(metrics)))
+        cur.execute("DELETE FROM quality.window_accuracy WHERE day = %s AND metric = ANY(%s)", (day, list(metrics)))
+        cur.execute(
+            f"""INSERT INTO truth.results (metric, group_key, window_start, window_end, day, value, n_events, detail,
+                                           run_id)
+                SELECT metric, group_key, {epoch.format("window_start_ms")}, {epoch.format("window_end_ms")}, %s,
+                       value, n_events, detail::jsonb, run_id
+                FROM truth.staging WHERE run_id = %s""",
+            (day, run_id),
+        )
+        rows = cur.rowcount
+        cur.execute(
+            f"""INSERT INTO quality.window_accuracy (metric, group_key, window_start, day, stream_value, error,
+                   n_lost, n_dup, n_late, lost_effect, dup_effect, late_effect, sketch_effect, detail)
+                SELECT metric, group_key, {epoch.format("window_start_ms")}, %s, stream_value, error, n_lost, n_dup,
+                       n_late, lost_effect, dup_effect, late_effect, sketch_effect, accuracy_detail::jsonb
+                FROM truth.staging WHERE run_id = %s""",
+            (day, run_id),
+        )
+        cur.execute("DELETE FROM truth.staging WHERE run_id = %s", (run_id,))
+    return rows
+
+
+def clear_staging(url: str, run_id: str) -> None:
+    """Drop what a run staged (after a failure; a swapped run has nothing left there)."""
+    with transaction(url) as cur:
+        cur.execute("DELETE FROM truth.staging WHERE run_id = %s", (run_id,))
 
 
 def fetch_results(url: str, table: str, day: date) -> dict[tuple[str, str, Any], tuple[float, int]]:
