@@ -202,23 +202,21 @@ def build(spark, defs: Definitions, defs_path: str, lake_path: Path, archive: st
     observations = {"lake": obs_lake, "truth": obs_truth}
 
     # 1. validate, then 2. one shuffle by event id: records landed twice (same landing) go, copies are numbered
-    checked = raw.withColumn(REJECT_COLUMN, rejection_column(ds)).select(
-        *fields, "_epoch", "_partition", "_offset", "_watermark_ms", REJECT_COLUMN
+    checked = (
+        raw.withColumn(REJECT_COLUMN, rejection_column(ds))
+        .select(*fields, "_epoch", "_partition", "_offset", "_watermark_ms", REJECT_COLUMN)
+        .withColumn("_invalid", (F.col(REJECT_COLUMN) != "").cast("int"))
     )  # every field validated, only the used ones carried on
     arrival = Window.partitionBy("event_id").orderBy(
-        F.col(REJECT_COLUMN) != "", "_epoch", "_partition", "_offset"
-    )  # valid records first: copies are numbered among them
+        "_invalid", "_epoch", "_partition", "_offset"
+    )  # valid records first: copies are numbered among them (a column, not an expression: 2x faster here)
     ranked = (
         checked.withColumn("_n", F.row_number().over(arrival))
         .withColumn("_rank", F.rank().over(arrival))
         .withColumn("_copy", F.dense_rank().over(arrival) - 1)
         .where(F.col("_n") == F.col("_rank"))  # the first of equal landings
     )
-    ranked = ranked.observe(
-        obs_lake,
-        F.count(F.lit(1)).alias("lake_records"),
-        *[F.sum(F.when(F.col(REJECT_COLUMN) == r, 1).otherwise(0)).alias(r) for r in REASONS],
-    )
+    ranked = ranked.observe(obs_lake, F.count(F.lit(1)).alias("lake_records"), F.sum("_invalid").alias("rejected"))
     lake = ranked.where(F.col(REJECT_COLUMN) == "").select(*fields, "_watermark_ms", "_copy")
     if archive:
         start_ms, end_ms = day_bounds_ms(day)
@@ -298,6 +296,8 @@ def build(spark, defs: Definitions, defs_path: str, lake_path: Path, archive: st
         .cogroup(stream.groupBy("_plan", "_bucket", "_shard"))
         .applyInPandas(_windows_fn(defs_path, names, busy), OUTPUT_SCHEMA)
     )
+    rejected = checked.where("_invalid = 1").dropDuplicates(["_epoch", "_partition", "_offset"]).groupBy(REJECT_COLUMN)
+    observations["rejected_by_reason"] = rejected.count()  # a second read, run only when some record was rejected
     stages = {"read": raw, "validate": checked, "dedupe": records, "aggregate": out}
     return stages, observations, busy
 
@@ -348,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
         job_s = time.monotonic() - t
         n_read = spark.read.parquet(str(path)).count()  # parquet footers: no data read
         lake, truth = observations["lake"].get, observations["truth"].get
+        rejected = {}
+        if lake["rejected"]:  # rules changed since the stream landed these: say which and how many
+            rejected = {r[REJECT_COLUMN]: r["count"] for r in observations["rejected_by_reason"].collect()}
         archive_rejected = observations["archive"].get if archive else {}
         spark_s = (started - t0) + (time.monotonic() - t)
         spark.stop()
@@ -363,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         "lake_records_read": n_read,
         "lake_records": lake["lake_records"],
         "truth_events": truth["truth_events"] or 0,
-        "rejected": {r: lake[r] for r in REASONS if lake[r]},
+        "rejected": rejected,
         "archive_rejected": {r: n for r, n in archive_rejected.items() if n},
         "rows": rows,
         "rows_written": written or 0,

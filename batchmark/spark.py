@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 
@@ -107,3 +111,54 @@ def submit(settings: Settings, day: date, run_id: str, timeout_s: float = 1800) 
         command(settings, day, run_id), env=environment(settings), capture_output=True, text=True, timeout=timeout_s
     )
     return parse_result(day, proc.returncode, f"{proc.stdout}\n{proc.stderr}")  # Spark 4: driver traceback on stdout
+
+
+@contextlib.contextmanager
+def standalone_cluster(
+    log_dir: Path, master_port: int, webui_port: int, worker_cores: int = 2, worker_memory: str = "2g"
+) -> Iterator[str]:
+    """A Spark standalone master and one worker on 127.0.0.1, from the pyspark installation (separate JVMs;
+    executors start their own Python workers). Yields the master URL (spark://127.0.0.1:PORT); stops both."""
+    from batchmark.broker import free_port
+
+    check_java()
+    spark_class = Path(sys.executable).parent / "spark-class"
+    if not spark_class.exists():
+        import pyspark
+
+        spark_class = Path(pyspark.__file__).parent / "bin" / "spark-class"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_NO_DAEMONIZE": "1"}
+    url = f"spark://127.0.0.1:{master_port}"
+    master_cmd = ["org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(master_port)]
+    master_cmd += ["--webui-port", str(webui_port)]
+    worker_cmd = ["org.apache.spark.deploy.worker.Worker", url, "--host", "127.0.0.1", "--port", str(free_port())]
+    worker_cmd += ["--webui-port", str(free_port()), "--cores", str(worker_cores), "--memory", worker_memory]
+    procs: list[subprocess.Popen] = []
+    try:
+        for name, args in (("master", master_cmd), ("worker", worker_cmd)):
+            with open(log_dir / f"spark-{name}.log", "wb") as log:
+                procs.append(
+                    subprocess.Popen(
+                        [str(spark_class), *args], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                    )
+                )
+        deadline = time.monotonic() + 90
+        master_log = log_dir / "spark-master.log"
+        while "Registering worker" not in master_log.read_text(errors="replace"):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                raise ServiceUnavailable(
+                    f"the Spark standalone cluster did not come up; see {log_dir}/spark-master.log and spark-worker.log"
+                )
+            time.sleep(0.5)
+        yield url
+    finally:
+        for p in reversed(procs):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()

@@ -176,3 +176,29 @@ def test_swap_replaces_a_day_from_one_run_and_leaves_other_runs_staged(pg_url: s
     with storage.transaction(pg_url) as cur:
         cur.execute("SELECT count(*) FROM truth.staging")
         assert cur.fetchone()[0] == 0
+
+
+@pytest.mark.timeout(600)
+def test_lake_records_a_stricter_definition_refuses_are_counted_by_reason(
+    pg_url: str,
+    tmp_path,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+) -> None:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    day = date(2026, 9, 16)
+    strict = tmp_path / "strict.toml"
+    strict.write_text(
+        (REPO_ROOT / "batchmark" / "metrics.toml")
+        .read_text()
+        .replace('cpu = { type = "float", min = 0.0, max = 1024.0 }', 'cpu = { type = "float", min = 0.0, max = 8.0 }')
+    )
+    settings = config.load()
+    write_lake_day(GeneratorConfig(day=day, events=5_000, duplicates=0.05, seed=3), settings.events_lake)
+    lake = pq.read_table(settings.events_lake / f"date={day}")
+    too_big = int(pc.sum(pc.greater(lake["cpu"], 8.0)).as_py())
+    monkeypatch.setenv("BATCHMARK_DEFINITIONS", str(strict))
+    result = spark.submit(config.load(), day, "strict")
+    assert too_big > 100 and result["rejected"] == {"out_of_range": too_big}
+    assert result["truth_events"] == len(set(lake.filter(pc.less_equal(lake["cpu"], 8.0))["event_id"].to_pylist()))

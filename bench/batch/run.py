@@ -61,14 +61,16 @@ def _sample(pid: int, peaks: dict[str, float], stop: threading.Event) -> None:
         stop.wait(0.2)
 
 
-def run_job(settings: config.Settings, job: Path, run_id: str, extra: list[str], env_extra: dict) -> dict:
+def run_job(
+    settings: config.Settings, job: Path, run_id: str, extra: list[str], env_extra: dict, cwd: Path = ROOT
+) -> dict:
     """One spark-submit of a recompute job, with its summary, wall time and peak memory."""
     env = {**spark.environment(settings), **env_extra}
     cmd = spark.command(settings, DAY, run_id, job=job, extra=extra)
     peaks: dict[str, float] = {}
     stop = threading.Event()
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sampler = threading.Thread(target=_sample, args=(proc.pid, peaks, stop), daemon=True)
     sampler.start()
     output, _ = proc.communicate()
@@ -159,8 +161,8 @@ def main() -> int:
                     settings, spark=dataclasses.replace(settings.spark, python=str(baseline_python(baseline)))
                 )
                 row["baseline"] = run_job(
-                    base, baseline / "batch" / "recompute.py", f"base-{n}", [], {"PYTHONPATH": str(baseline)}
-                )
+                    base, baseline / "batch" / "recompute.py", f"base-{n}", [], {"PYTHONPATH": str(baseline)}, baseline
+                )  # run from its tree: a worker's sys.path starts with the working directory
                 print(f"{'':>11}  baseline: {json.dumps(row['baseline'])}", flush=True)
             with storage.transaction(url) as cur:
                 cur.execute("SELECT count(*), sum(n_events) FROM truth.results WHERE day = %s", (DAY,))
