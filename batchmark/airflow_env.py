@@ -50,6 +50,21 @@ def migrate(settings: Settings) -> None:
     settings.airflow_home.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **airflow_env(settings)}
     subprocess.run([airflow_bin(), "db", "migrate"], env=env, check=True, capture_output=True, text=True)
+    ensure_spark_connection(settings, env)
+
+
+SPARK_CONN_ID = "batchmark_spark"
+
+
+def ensure_spark_connection(settings: Settings, env: dict[str, str]) -> None:
+    """Create the Spark connection the recompute submits through (master: SPARK_MASTER) unless it exists: it
+    lives in the metadata DB, so a change in the UI (Admin -> Connections) sticks and points the DAG elsewhere."""
+    what = "Where batchmark's nightly recompute runs (spark-submit --master <host>)"
+    cmd = [airflow_bin(), "connections", "add", SPARK_CONN_ID, "--conn-type", "spark"]
+    cmd += ["--conn-host", settings.spark_master, "--conn-description", what]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0 and "already exists" not in proc.stdout + proc.stderr:
+        raise subprocess.CalledProcessError(proc.returncode, proc.args, proc.stdout, proc.stderr)
 
 
 def ensure_auth(settings: Settings) -> dict[str, str]:

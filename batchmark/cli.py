@@ -189,6 +189,15 @@ def cmd_down(args: argparse.Namespace) -> int:
     return stack.run_down()
 
 
+def cmd_init_airflow(args: argparse.Namespace) -> int:
+    from batchmark.airflow_env import SPARK_CONN_ID, migrate
+
+    settings = config.load()
+    migrate(settings)
+    print(f"Airflow metadata DB migrated; connection {SPARK_CONN_ID} in place (a new one gets {settings.spark_master})")
+    return 0
+
+
 def cmd_airflow(args: argparse.Namespace) -> int:
     from batchmark import stack
     from batchmark.airflow_env import airflow_bin
@@ -239,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_airflow)
 
     sub.add_parser("init-db", help="create the database and its schema").set_defaults(fn=cmd_init_db)
+    sub.add_parser(
+        "init-airflow", help="migrate Airflow's metadata DB and create the Spark connection (batchmark_spark)"
+    ).set_defaults(fn=cmd_init_airflow)
     p = sub.add_parser("broker", help="run the embedded Kafka-protocol broker (Tansu) in the foreground")
     p.add_argument("--port", type=_port, default=19092)
     p.set_defaults(fn=cmd_broker)

@@ -55,28 +55,40 @@ def error_excerpt(output: str | None, limit: int = 40) -> str:
     return "\n".join((errors or lines)[-limit:])
 
 
-def command(settings: Settings, day: date, run_id: str, job: Path = JOB, extra: list[str] | None = None) -> list[str]:
-    """The spark-submit command line of the recompute for one day, every setting from the configuration."""
-    spark_submit = Path(sys.executable).parent / "spark-submit"
-    local = settings.spark_master.startswith("local")
-    conf = {"spark.sql.session.timeZone": "UTC", **settings.spark.spark_conf()}
-    if local:  # keep every listener on loopback; a cluster driver must be reachable by its executors
+def job_conf(settings: Settings, master: str) -> dict[str, str]:
+    """The recompute's Spark configuration: batchmark's settings, and loopback-only listeners on local[*]."""
+    conf = {
+        "spark.sql.session.timeZone": "UTC",
+        "spark.pyspark.driver.python": sys.executable,  # the driver is here; spark.pyspark.python: the executors'
+        **settings.spark.spark_conf(),
+    }
+    if master.startswith("local"):  # keep every listener on loopback; a cluster driver must be reachable
         conf = {
             "spark.driver.bindAddress": "127.0.0.1",
             "spark.driver.host": "127.0.0.1",
             "spark.ui.enabled": "false",
             **conf,
         }
-    cmd = [str(spark_submit), "--master", settings.spark_master]
-    for key, value in conf.items():
+    return conf
+
+
+def job_args(settings: Settings, day: date, run_id: str) -> list[str]:
+    """The recompute's arguments for a day (the archive when the source keeps one: lost events become visible)."""
+    args = ["--date", day.isoformat(), "--run-id", run_id]
+    if settings.archive_file(day).exists():
+        args += ["--archive", str(settings.archive_file(day))]
+    return args
+
+
+def command(settings: Settings, day: date, run_id: str, job: Path = JOB, extra: list[str] | None = None) -> list[str]:
+    """The spark-submit command line of the recompute for one day, every setting from the configuration."""
+    cmd = [str(Path(sys.executable).parent / "spark-submit"), "--master", settings.spark_master]
+    for key, value in job_conf(settings, settings.spark_master).items():
         cmd += ["--conf", f"{key}={value}"]
-    cmd += [str(job), "--date", day.isoformat(), "--run-id", run_id, *(extra or [])]
-    if settings.archive_file(day).exists():  # truth from the system of record: lost events become visible
-        cmd += ["--archive", str(settings.archive_file(day))]
-    return cmd
+    return [*cmd, str(job), *job_args(settings, day, run_id), *(extra or [])]
 
 
-def environment(settings: Settings) -> dict[str, str]:
+def environment(settings: Settings, master: str | None = None) -> dict[str, str]:
     """The environment spark-submit runs in: the job reads its settings from it, like every batchmark process."""
     venv_bin = Path(sys.executable).parent
     env = {
@@ -88,7 +100,7 @@ def environment(settings: Settings) -> dict[str, str]:
         "DATABASE_URL": settings.database_url,
         "BATCHMARK_DEFINITIONS": str(settings.definitions_path),
     }
-    if settings.spark_master.startswith("local"):
+    if (master or settings.spark_master).startswith("local"):
         env["SPARK_LOCAL_IP"] = "127.0.0.1"
     return env
 
@@ -119,16 +131,21 @@ def standalone_cluster(
 ) -> Iterator[str]:
     """A Spark standalone master and one worker on 127.0.0.1, from the pyspark installation (separate JVMs;
     executors start their own Python workers). Yields the master URL (spark://127.0.0.1:PORT); stops both."""
+    import pyspark
+
     from batchmark.broker import free_port
 
     check_java()
-    spark_class = Path(sys.executable).parent / "spark-class"
-    if not spark_class.exists():
-        import pyspark
-
-        spark_class = Path(pyspark.__file__).parent / "bin" / "spark-class"
+    spark_home = Path(pyspark.__file__).parent  # pip's pyspark is a whole Spark distribution
+    spark_class = spark_home / "bin" / "spark-class"
     log_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "SPARK_NO_DAEMONIZE": "1"}
+    env = {
+        **os.environ,
+        "SPARK_HOME": str(spark_home),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "SPARK_NO_DAEMONIZE": "1",
+    }
     url = f"spark://127.0.0.1:{master_port}"
     master_cmd = ["org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(master_port)]
     master_cmd += ["--webui-port", str(webui_port)]

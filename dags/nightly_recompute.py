@@ -14,9 +14,12 @@ run's logical date is the day it recomputes (Airflow names it after the day's en
 1. wait_for_lake_day: waits (rescheduling, no worker slot held) until every stream partition's watermark has
    passed the end of the day plus the allowed lateness: the Faust worker has landed all of the day in the lake
    and closed its windows. After 6 hours it fails without retries and says which partitions are behind.
-2. spark_recompute: spark-submit batch/recompute.py; exact metrics from the lake replace that day's rows of
-   truth.results and quality.window_accuracy in one transaction (rerunning it is safe). It publishes the
-   Asset `batchmark://truth/results` with the day in the event's extra, which starts `validate_accuracy`.
+2. spark_recompute: the Spark provider's SparkSubmitOperator submits batch/recompute.py through the Airflow
+   connection `batchmark_spark` (its host is the master: `local[*]`, `spark://host:7077`, ...; created from
+   SPARK_MASTER, edit it under Admin -> Connections to run elsewhere); exact metrics from the lake replace
+   that day's rows of truth.results and quality.window_accuracy in one transaction (rerunning it is safe). It
+   publishes the Asset `batchmark://truth/results` with the day in the event's extra, which starts
+   `validate_accuracy`.
 
 Several runs may be active at once (a scheduled run waiting for its day never blocks a manual run for
 another day); only one Spark job runs at a time. A configuration error (a bad date, a definitions file that
@@ -27,12 +30,12 @@ recorded in quality.task_failures.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
 
-from airflow.sdk import DAG, PokeReturnValue, get_current_context, task
+from airflow.sdk import DAG, PokeReturnValue, task
 
 from batchmark import orchestration
 from batchmark.airflow_plugin import NightlyTimetable
+from batchmark.airflow_spark import RecomputeOperator
 
 TRUTH = orchestration.truth_asset()
 
@@ -64,14 +67,12 @@ with DAG(
         print(f"{day}: {why}")
         return PokeReturnValue(is_done=done, xcom_value=day.isoformat())
 
-    @task(outlets=[TRUTH], max_active_tis_per_dag=1)
-    def spark_recompute() -> dict[str, Any]:
-        """Exact metrics for the day from the lake, written as the day's batch truth; publishes the truth Asset."""
-        from batchmark import config, spark
+    spark_recompute = RecomputeOperator(
+        task_id="spark_recompute",
+        doc_md="Exact metrics for the day from the lake, written as the day's batch truth; publishes the truth "
+        "Asset. Submitted with SparkSubmitOperator through the connection `batchmark_spark`.",
+        outlets=[TRUTH],
+        max_active_tis_per_dag=1,
+    )
 
-        day = orchestration.context_day()
-        result = spark.submit(config.load(), day, orchestration.context_run_id())
-        get_current_context()["outlet_events"][TRUTH].extra = {"day": day.isoformat()}
-        return result
-
-    wait_for_lake_day() >> spark_recompute()
+    wait_for_lake_day() >> spark_recompute

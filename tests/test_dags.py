@@ -3,7 +3,10 @@ DAGs are wired as documented: nightly_recompute publishes the truth Asset that s
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+from pathlib import Path
 
 import pytest
 from airflow.dag_processing.dagbag import DagBag
@@ -51,6 +54,10 @@ def test_nightly_recompute_shape(dagbag: DagBag) -> None:
     # A scheduled run waiting for its day must not block a manual run for another day; one Spark at a time.
     assert dag.max_active_runs >= 2
     spark = dag.get_task("spark_recompute")
+    from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+
+    assert isinstance(spark, SparkSubmitOperator) and spark._conn_id == "batchmark_spark"  # where: a connection
+    assert spark.application.endswith("batch/recompute.py")
     assert spark.max_active_tis_per_dag == 1
     assert [a.uri for a in spark.outlets] == [orchestration.TRUTH_ASSET_URI]
     sensor = dag.get_task("wait_for_lake_day")
@@ -106,3 +113,35 @@ def test_failure_callback_records_what_failed(pg_url: str) -> None:
                     f"RuntimeError('spark recompute for {day} failed (exit 2)')",
                 )
             ]
+
+
+def test_the_spark_connection_comes_from_spark_master_and_then_belongs_to_the_user(airflow_db: Path) -> None:
+    """migrate() creates `batchmark_spark` from SPARK_MASTER once; an edit (UI, CLI) is never overwritten."""
+    import subprocess
+
+    from batchmark import config
+    from batchmark.airflow_env import airflow_bin, ensure_spark_connection
+
+    env = {**os.environ}
+    settings = config.load()
+
+    def host() -> str:
+        out = subprocess.run(
+            [airflow_bin(), "connections", "get", "batchmark_spark", "-o", "json"],
+            env=env, capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        return json.loads(out)[0]["host"]
+
+    assert host() == settings.spark_master
+    subprocess.run(
+        [airflow_bin(), "connections", "delete", "batchmark_spark"], env=env, check=True, capture_output=True
+    )
+    ensure_spark_connection(dataclasses.replace(settings, spark_master="spark://10.0.0.9:7077"), env)
+    assert host() == "spark://10.0.0.9:7077"
+    ensure_spark_connection(settings, env)  # an existing connection is left as the user made it
+    assert host() == "spark://10.0.0.9:7077"
+    subprocess.run(
+        [airflow_bin(), "connections", "delete", "batchmark_spark"], env=env, check=True, capture_output=True
+    )
+    ensure_spark_connection(settings, env)
+    assert host() == settings.spark_master

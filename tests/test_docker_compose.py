@@ -125,7 +125,7 @@ def test_commands(services: dict) -> None:
     assert cmd["spark-master"] == ["spark-class", "org.apache.spark.deploy.master.Master", "--host", "spark-master"]
     assert cmd["spark-worker"] == ["spark-class", "org.apache.spark.deploy.worker.Worker", "spark://spark-master:7077"]
     assert cmd["faust-worker"] == ["faust", "-A", "streaming.app", "worker", "--without-web", "-l", "info"]
-    assert cmd["airflow-init"] == ["airflow", "db", "migrate"]
+    assert cmd["airflow-init"] == ["batchmark", "init-airflow"]  # migrate + the Spark connection the DAG uses
     assert cmd["airflow-api-server"] == ["airflow", "api-server"]
     assert cmd["airflow-scheduler"] == ["airflow", "scheduler", "--skip-serve-logs"]
     assert cmd["airflow-dag-processor"] == ["airflow", "dag-processor"]

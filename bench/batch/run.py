@@ -102,6 +102,22 @@ def stream_from_truth(url: str) -> int:
         return cur.rowcount
 
 
+def fingerprint(url: str) -> str:
+    """md5 of the day's truth and per-window accuracy, every column as text (float8 text is exact): two runs
+    that wrote the same rows bit for bit have the same fingerprint."""
+    with storage.transaction(url) as cur:
+        cur.execute(
+            """SELECT md5(string_agg(concat_ws(',', t.metric, t.group_key, t.window_start, t.window_end, t.value,
+                                              t.n_events, t.detail, a.stream_value, a.error, a.n_lost, a.n_dup,
+                                              a.n_late, a.lost_effect, a.dup_effect, a.late_effect, a.sketch_effect,
+                                              a.detail), '|' ORDER BY t.metric, t.group_key, t.window_start))
+               FROM truth.results t JOIN quality.window_accuracy a USING (metric, group_key, window_start)
+               WHERE t.day = %s""",
+            (DAY,),
+        )
+        return cur.fetchone()[0]
+
+
 def fresh_database(url: str) -> None:
     storage.ensure_database(url)
     with storage.transaction(url) as cur:
@@ -155,6 +171,7 @@ def main() -> int:
             windows = stream_from_truth(url)
             row = {"events": n, "lake": counts, "stream_windows": windows, "warmup": warm}
             row["new"] = run_job(settings, spark.JOB, f"new-{n}", ["--stages"] if args.stages else [], {})
+            row["new"]["fingerprint"] = fingerprint(url)
             print(f"{'':>11}  new: {json.dumps(row['new'])}", flush=True)
             if baseline is not None and n <= args.baseline_max:
                 base = dataclasses.replace(  # its Python workers import the baseline's batchmark too
@@ -163,6 +180,8 @@ def main() -> int:
                 row["baseline"] = run_job(
                     base, baseline / "batch" / "recompute.py", f"base-{n}", [], {"PYTHONPATH": str(baseline)}, baseline
                 )  # run from its tree: a worker's sys.path starts with the working directory
+                row["baseline"]["fingerprint"] = fingerprint(url)
+                row["identical_to_baseline"] = row["baseline"]["fingerprint"] == row["new"]["fingerprint"]
                 print(f"{'':>11}  baseline: {json.dumps(row['baseline'])}", flush=True)
             with storage.transaction(url) as cur:
                 cur.execute("SELECT count(*), sum(n_events) FROM truth.results WHERE day = %s", (DAY,))
@@ -214,6 +233,7 @@ def summarize(runs: list[dict], args: argparse.Namespace) -> dict:
             total = {c: r[c]["spark_seconds"] + r[c]["write_seconds"] for c in ("new", "baseline")}
             ratios[r["events"]] = round(total["baseline"] / total["new"], 2)
     return {
+        "identical_to_baseline": {r["events"]: r["identical_to_baseline"] for r in runs if "baseline" in r},
         "args": vars(args),
         "machine": {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30)},
         "table": table,
@@ -237,6 +257,7 @@ def print_table(report: dict) -> None:
     print(f"marginal events/s (two largest days): {report['marginal_events_per_s']}")
     print(f"time per event, spread across sizes: {report['per_event_spread']}")
     print(f"speed-up against the baseline (same day, same run): {report['speedup_vs_baseline']}")
+    print(f"truth and accuracy rows identical to the baseline's: {report['identical_to_baseline']}")
 
 
 if __name__ == "__main__":
