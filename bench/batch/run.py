@@ -1,13 +1,13 @@
 """bench/batch: the nightly recompute's speed and memory on generated lake days of any size (issue 10).
 
     .venv/bin/python bench/batch/run.py [--sizes 1000000,4000000,16000000] [--archive] [--stages]
-        [--baseline-ref REF --baseline-max 4000000] [--out bench/results/batch.json]
+        [--baseline-ref REF --baseline-max 4000000] [--skip-warmup] [--out bench/results/batch.json]
 
 Per size: a fresh home and database, a day landed straight in the lake (batchmark.generator.write_lake_day:
 1% duplicates, 0.5% late, 1% lost; with --archive also the system of record as JSONL), one warm-up run whose
 truth is then copied into stream.results (so every window has a stream value and the accuracy path runs), then
 the timed run of this checkout and, up to --baseline-max events, of the code at --baseline-ref (a git worktree)
-on the same day. Memory: psutil samples of the spark-submit process tree every 0.2 s (the JVM: driver and, on
+on the same day, and whether both wrote the same rows bit for bit (an md5 of every column's text). Memory: psutil samples of the spark-submit process tree every 0.2 s (the JVM: driver and, on
 local[*], the executors; the Python driver; the largest Python worker). Figures: job seconds (from the job's
 own clock, start-up excluded), events/s, the marginal events/s between the two largest sizes, the time per
 event at each size (start-up subtracted), and with --stages the split by the job's prefixes.
@@ -139,6 +139,7 @@ def main() -> int:
     ap.add_argument("--stages", action="store_true", help="time the job's prefixes too (runs the job 5 times)")
     ap.add_argument("--baseline-ref", default="", help="git ref of the code to compare with, e.g. eb11407")
     ap.add_argument("--baseline-max", type=int, default=4_000_000, help="largest day the baseline runs")
+    ap.add_argument("--skip-warmup", action="store_true", help="no warm-up run: no stream values, no accuracy")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "batch.json"))
     ap.add_argument("--work", default="", help="where the days are written (default: a temporary directory)")
     args = ap.parse_args()
@@ -167,9 +168,10 @@ def main() -> int:
                 settings.archive_file(DAY) if args.archive else None,
             )
             print(f"{n:>11,} events: lake day written in {time.monotonic() - t:.1f} s {counts}", flush=True)
-            warm = run_job(settings, spark.JOB, f"warm-{n}", [], {})
-            windows = stream_from_truth(url)
-            row = {"events": n, "lake": counts, "stream_windows": windows, "warmup": warm}
+            row = {"events": n, "lake": counts}
+            if not args.skip_warmup:
+                row["warmup"] = run_job(settings, spark.JOB, f"warm-{n}", [], {})
+                row["stream_windows"] = stream_from_truth(url)
             row["new"] = run_job(settings, spark.JOB, f"new-{n}", ["--stages"] if args.stages else [], {})
             row["new"]["fingerprint"] = fingerprint(url)
             print(f"{'':>11}  new: {json.dumps(row['new'])}", flush=True)
