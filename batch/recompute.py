@@ -187,8 +187,10 @@ def _writer_fn(url: str, run_id: str):  # noqa: ANN202
 
 
 def build(spark, defs: Definitions, defs_path: str, lake_path: Path, archive: str | None, day, url: str, shards: int):  # noqa: ANN001, ANN201, PLR0913
-    """The day's job as DataFrames: (stages, observations); stages maps each prefix of the job to a DataFrame
-    (read, validate, dedupe, aggregate), the last one the per-window rows."""
+    """The day's job as DataFrames: (stages, observations, busy). stages maps each prefix of the job to a
+    DataFrame (read, validate, dedupe, aggregate), the last one the per-window rows; observations are the
+    counts observed during the pass (and the per-reason rejection query, run only when some were rejected);
+    busy accumulates the seconds the Python workers spend in window_accuracy."""
     from pyspark.sql import Observation, Window
     from pyspark.sql import functions as F
 
