@@ -10,11 +10,12 @@ import functools
 import re
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from batchmark.drift import DriftSettings
 from batchmark.errors import ConfigError
 from batchmark.windows import DAY_MS
 
@@ -181,6 +182,7 @@ class Definitions:
     dataset: Dataset
     metrics: tuple[Metric, ...]
     source: Path | None = None
+    alerts: DriftSettings = DriftSettings()  # the [alerts] table: trend and drift checks, suppression
 
     def metric(self, name: str) -> Metric:
         for m in self.metrics:
@@ -341,4 +343,25 @@ def load_definitions(path: Path | str) -> Definitions:
     names = [m.name for m in metrics]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: metric names must be unique")
-    return Definitions(dataset=ds, metrics=metrics, source=path)
+    return Definitions(dataset=ds, metrics=metrics, source=path, alerts=_alerts(raw.get("alerts", {}), path))
+
+
+def _alerts(raw: dict[str, Any], path: Path) -> DriftSettings:
+    """The optional [alerts] table: any DriftSettings field, with the type of its default."""
+    defaults = DriftSettings()
+    known = {f.name: type(getattr(defaults, f.name)) for f in fields(DriftSettings)}
+    values = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(f"{path}: [alerts] has no setting {key!r}; known: {', '.join(known)}")
+        want = known[key]
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or (want is int and not isinstance(value, int)):
+            what = "a whole number" if want is int else "a number"
+            raise ConfigError(f"{path}: [alerts] {key} must be {what}, not {value!r}")
+        if value < 0:
+            raise ConfigError(f"{path}: [alerts] {key} must not be negative (got {value})")
+        values[key] = want(value)
+    if values.get("trailing_days", defaults.trailing_days) < values.get("min_history", defaults.min_history):
+        raise ConfigError(f"{path}: [alerts] trailing_days must be at least min_history")
+    return DriftSettings(**values)
