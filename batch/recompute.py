@@ -364,7 +364,13 @@ def main(argv: list[str] | None = None) -> int:
         spark_s = (started - t0) + (time.monotonic() - t)
         spark.stop()
         t1 = time.monotonic()
-        rows = storage.swap_truth_day(url, day, [m.name for m in defs.metrics], run_id)
+        rows = storage.swap_truth_day(
+            url,
+            day,
+            [m.name for m in defs.metrics],
+            run_id,
+            {"lake": rejected, "archive": {r: n for r, n in archive_rejected.items() if n}},
+        )
         swap_s = time.monotonic() - t1
     except BaseException:
         storage.clear_staging(url, run_id)

@@ -66,6 +66,7 @@ TABLES: dict[str, dict[tuple[str, str], tuple[str, ...]]] = {
         ("truth", "results"): WRITE,
         ("truth", "staging"): WRITE,
         ("quality", "window_accuracy"): WRITE,
+        ("quality", "rejections"): WRITE,
     },
     QUALITY: {
         ("stream", "results"): READ,
@@ -75,12 +76,20 @@ TABLES: dict[str, dict[tuple[str, str], tuple[str, ...]]] = {
         ("quality", "metrics"): WRITE,
         ("quality", "accuracy_history"): WRITE,
         ("quality", "task_failures"): WRITE,
+        ("quality", "rejections"): READ,
+        ("quality", "alerts"): WRITE,
+        ("quality", "alert_deliveries"): WRITE,
+        ("quality", "alert_status"): READ,
     },
 }
 SEQUENCES: dict[str, tuple[tuple[str, str], ...]] = {
     STREAM: (),
     BATCH: (),
-    QUALITY: (("quality", "accuracy_history_id_seq"), ("quality", "task_failures_id_seq")),
+    QUALITY: (
+        ("quality", "accuracy_history_id_seq"),
+        ("quality", "task_failures_id_seq"),
+        ("quality", "alerts_id_seq"),
+    ),
 }
 # Objects created later by the owner (init_schema drops and re-creates the view quality.comparison on every
 # run, a new version may add a table): who gets what on them automatically, per schema.

@@ -218,6 +218,16 @@ def run_demo(day: date, gen: GeneratorConfig, keep: bool = False) -> int:
         summary = latest_accuracy(settings.database_url, day)
         print(f"[5/5] {summary['line']}")
         print(f"      validation report: {summary['report']}")
+        raised = day_alerts(settings.database_url, day)
+        print(
+            f"      alerts: {len(raised)} for {day}"
+            + "".join(f"\n        {t}" for t in raised)
+            + (
+                "\n      (`batchmark alerts` lists them; README 'Alerts' says how to send them somewhere)"
+                if raised
+                else ""
+            )
+        )
         figures = {
             "day": day.isoformat(),
             "records": stats.records,
@@ -262,11 +272,13 @@ def task_seconds(settings: Settings, dag_id: str) -> dict[str, float]:
 
 
 def latest_accuracy(url: str, day: date) -> dict[str, object]:
-    """The newest validation of a day from quality.accuracy_history, as one line."""
+    """The newest validation of a day from quality.accuracy_history, as one line (validation's one wording)."""
+    from batchmark.validation import MetricAccuracy, summary_line
+
     with storage.transaction(url) as cur:
         cur.execute(
-            """SELECT metric, success, windows, missing, over_tolerance, max_error, report_url,
-                      late_events, duplicate_events, lost_events
+            """SELECT metric, success, windows, missing, over_tolerance, max_error, mean_error, tolerance, kind,
+                      late_events, duplicate_events, lost_events, incomplete, impossible, report_url
                FROM quality.accuracy_history
                WHERE day = %s AND run_id = (SELECT run_id FROM quality.accuracy_history WHERE day = %s
                                             ORDER BY created_at DESC LIMIT 1)
@@ -276,22 +288,18 @@ def latest_accuracy(url: str, day: date) -> dict[str, object]:
         rows = cur.fetchall()
     if not rows:
         return {"line": f"no validation recorded for {day}", "report": "-", "success": False, "windows": 0}
-    ok = all(r[1] for r in rows)
-    parts = [
-        f"{m} {w - miss - over}/{w} windows ok, max err " + ("-" if mx is None else f"{mx:.3g}")
-        for m, _, w, miss, over, mx, *_ in rows
-    ]
-    late, dup, lost = (max(r[i] for r in rows) for i in (7, 8, 9))
-    causes = [f"{n} {what}" for n, what in ((late, "late"), (dup, "duplicate"), (lost, "lost")) if n]
+    metrics = [MetricAccuracy(*r[:12], incomplete=r[12], impossible=r[13]) for r in rows]
+    ok = all(m.success for m in metrics)
     return {
-        "line": f"{day} {'PASS' if ok else 'FAIL'}: "
-        + "; ".join(parts)
-        + (
-            f" | the stream saw {', '.join(causes)} events (quality.window_accuracy has them per window)"
-            if causes
-            else ""
-        ),
-        "report": rows[0][6],
+        "line": summary_line(day, ok, metrics),
+        "report": rows[0][14],
         "success": ok,
-        "windows": sum(r[2] for r in rows),
+        "windows": sum(m.windows for m in metrics),
     }
+
+
+def day_alerts(url: str, day: date) -> list[str]:
+    """The titles of the alerts recorded for a day (the validation DAG's alert_on_drift task records them)."""
+    with storage.transaction(url) as cur:
+        cur.execute("SELECT title FROM quality.alerts WHERE day = %s ORDER BY id", (day,))
+        return [t for (t,) in cur.fetchall()]

@@ -142,6 +142,56 @@ ALTER TABLE quality.accuracy_history ADD COLUMN IF NOT EXISTS late_events bigint
 ALTER TABLE quality.accuracy_history ADD COLUMN IF NOT EXISTS duplicate_events bigint NOT NULL DEFAULT 0;
 ALTER TABLE quality.accuracy_history ADD COLUMN IF NOT EXISTS lost_events bigint NOT NULL DEFAULT 0;
 CREATE INDEX IF NOT EXISTS accuracy_history_day ON quality.accuracy_history (day, metric);
+-- What the drift checks read besides the error (batchmark.drift): windows the stream did not complete, bin
+-- packings below what the truth's items allow, the GX tolerance expectation alone, the truth's events, and
+-- the metric's validation page (relative to the Data Docs root, so the report link follows configuration).
+ALTER TABLE quality.accuracy_history ADD COLUMN IF NOT EXISTS incomplete bigint NOT NULL DEFAULT 0;
+ALTER TABLE quality.accuracy_history ADD COLUMN IF NOT EXISTS impossible bigint NOT NULL DEFAULT 0;
+ALTER TABLE quality.accuracy_history ADD COLUMN IF NOT EXISTS within_tolerance boolean;
+ALTER TABLE quality.accuracy_history ADD COLUMN IF NOT EXISTS truth_events bigint NOT NULL DEFAULT 0;
+ALTER TABLE quality.accuracy_history ADD COLUMN IF NOT EXISTS sketch_effect double precision;
+ALTER TABLE quality.accuracy_history ADD COLUMN IF NOT EXISTS report_page text;
+
+-- Records the recompute rejected for a day, by reason (the lake's under changed rules, the archive's
+-- malformed ones: what the stream dead-lettered). Replaced with the day's truth.
+CREATE TABLE IF NOT EXISTS quality.rejections (
+    day      date   NOT NULL,
+    source   text   NOT NULL,
+    reason   text   NOT NULL,
+    records  bigint NOT NULL,
+    PRIMARY KEY (day, source, reason)
+);
+
+-- Alerts: one row per change of a (metric, check) state on a day (batchmark.alerts), and per channel its
+-- delivery (an outbox: pending rows are retried with backoff until delivered; delivered ones never again).
+CREATE TABLE IF NOT EXISTS quality.alerts (
+    id            bigserial PRIMARY KEY,
+    day           date        NOT NULL,
+    metric        text        NOT NULL,
+    check_name    text        NOT NULL,
+    severity      text        NOT NULL,   -- warning, error, recovered
+    state_before  text        NOT NULL,
+    state_after   text        NOT NULL,
+    observed      double precision,
+    baseline      double precision,
+    threshold     double precision,
+    title         text        NOT NULL,
+    message       text        NOT NULL,
+    report_url    text,
+    suppressed    boolean     NOT NULL DEFAULT false,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (metric, check_name, day, state_after)
+);
+CREATE TABLE IF NOT EXISTS quality.alert_deliveries (
+    alert_id        bigint      NOT NULL REFERENCES quality.alerts (id) ON DELETE CASCADE,
+    channel         text        NOT NULL,
+    status          text        NOT NULL DEFAULT 'pending',   -- pending, delivered
+    attempts        integer     NOT NULL DEFAULT 0,
+    next_attempt_at timestamptz NOT NULL DEFAULT now(),
+    last_error      text,
+    delivered_at    timestamptz,
+    PRIMARY KEY (alert_id, channel)
+);
 
 CREATE TABLE IF NOT EXISTS stream.checkpoints (
     topic         text        NOT NULL,
@@ -167,6 +217,18 @@ CREATE TABLE IF NOT EXISTS quality.task_failures (
 -- One row per batch-truth window, with the stream's value beside it (NULL when the stream has no row) and
 -- the kind's accuracy error. Where the error needs the raw events (quantile rank error, top-k recall) it
 -- comes from window_accuracy, and only while the stream value is the one it was computed for.
+DROP VIEW IF EXISTS quality.alert_status;
+CREATE VIEW quality.alert_status AS
+SELECT a.id, a.day, a.metric, a.check_name, a.severity, a.observed, a.baseline, a.threshold, a.message,
+       a.report_url, a.created_at,
+       coalesce(array_agg(d.channel ORDER BY d.channel) FILTER (WHERE d.status = 'delivered'), '{}') AS delivered_to,
+       CASE WHEN a.suppressed THEN 'suppressed'
+            WHEN count(d.channel) = 0 THEN 'no channel'
+            WHEN bool_and(d.status = 'delivered') THEN 'delivered'
+            ELSE 'pending' END AS delivery_status,
+       max(d.last_error) FILTER (WHERE d.status <> 'delivered') AS last_error
+FROM quality.alerts a LEFT JOIN quality.alert_deliveries d ON d.alert_id = a.id
+GROUP BY a.id;
 DROP VIEW IF EXISTS quality.comparison;
 CREATE VIEW quality.comparison AS
 SELECT t.day, t.metric, t.group_key, t.window_start,
@@ -383,11 +445,22 @@ def copy_to_staging(url: str, csv_text: Any) -> None:
         )
 
 
-def swap_truth_day(url: str, day: date, metrics: Sequence[str], run_id: str) -> int:
+def swap_truth_day(
+    url: str, day: date, metrics: Sequence[str], run_id: str, rejected: dict[str, dict[str, int]] | None = None
+) -> int:
     """Replace one day of truth and per-window accuracy with a run's staged rows, in one transaction; returns
-    the rows. Readers see the old day or the new one, never a mix; the staged rows are gone afterwards."""
+    the rows. Readers see the old day or the new one, never a mix; the staged rows are gone afterwards.
+    `rejected` ({source: {reason: records}}) replaces the day's rows of quality.rejections in that transaction."""
     epoch = "timestamptz 'epoch' + {} * interval '1 millisecond'"
     with transaction(url) as cur:
+        cur.execute("DELETE FROM quality.rejections WHERE day = %s", (day,))
+        for source, reasons in (rejected or {}).items():
+            for reason, n in reasons.items():
+                if n:
+                    cur.execute(
+                        "INSERT INTO quality.rejections (day, source, reason, records) VALUES (%s, %s, %s, %s)",
+                        (day, source, reason, int(n)),
+                    )
         cur.execute("DELETE FROM truth.results WHERE day = %s AND metric = ANY(%s)", (day, list(metrics)))
         cur.execute("DELETE FROM quality.window_accuracy WHERE day = %s AND metric = ANY(%s)", (day, list(metrics)))
         cur.execute(

@@ -77,6 +77,28 @@ class MetricAccuracy:
     late_events: int = 0  # where the differences come from (quality.window_accuracy, from the Spark job)
     duplicate_events: int = 0
     lost_events: int = 0
+    incomplete: int = 0  # windows where the stream did not fold every truth event (lost or dropped as late)
+    impossible: int = 0  # bin packing: windows with fewer stream bins than the truth's items need
+    within_tolerance: bool = True  # the GX tolerance expectation alone (success also needs no missing window)
+    truth_events: int = 0
+    sketch_effect: float | None = None  # sum over windows of |stream - value of what it saw|: the sketch's part
+    report_page: str | None = None  # the metric's validation page, relative to the Data Docs root
+
+    def describe(self) -> str:
+        """The metric's figures in the one wording used everywhere (CLI, demo, DAG logs, alerts)."""
+        return describe(
+            self.metric,
+            self.windows,
+            self.missing,
+            self.over_tolerance,
+            self.incomplete + self.impossible,
+            self.max_error,
+            self.tolerance,
+        )
+
+    def causes(self) -> str:
+        """Where the differences came from, e.g. '120 late, 600 lost events' ('' when none)."""
+        return causes(self.late_events, self.lost_events, self.duplicate_events)
 
 
 @dataclasses.dataclass
@@ -90,24 +112,37 @@ class ValidationReport:
     docs_index: Path
 
     def summary_line(self) -> str:
-        """One line for logs and alerts, e.g. '2026-11-24 PASS: jobs 1440/1440 windows, max rel err 0 (tol 0)'."""
-        parts = []
-        for m in self.metrics:
-            text = (
-                f"{m.metric} {m.windows - m.missing}/{m.windows} windows, "
-                f"max err {_fmt(m.max_error)} (tol {_fmt(m.tolerance)})"
-            )
-            if m.over_tolerance:
-                text += f", {m.over_tolerance} over tol"
-                causes = [
-                    f"{n} {what}"
-                    for n, what in ((m.late_events, "late"), (m.duplicate_events, "duplicate"), (m.lost_events, "lost"))
-                    if n
-                ]
-                if causes:
-                    text += f" ({', '.join(causes)} events)"
-            parts.append(text)
-        return f"{self.day.isoformat()} {'PASS' if self.success else 'FAIL'}: " + "; ".join(parts)
+        """One line for logs and alerts, e.g. '2026-11-24 PASS: jobs 1440 windows: 0 missing, 0 over tolerance 0
+        (max error 0), 0 incomplete; ...'."""
+        return summary_line(self.day, self.success, self.metrics)
+
+
+def describe(
+    metric: str, windows: int, missing: int, over: int, incomplete: int, max_error: float | None, tolerance: float
+) -> str:
+    """One metric's day in the product's one wording: missing windows (no stream result) apart from windows
+    over tolerance (a result, but too far off) and incomplete ones (the stream did not fold every event)."""
+    return (
+        f"{metric} {windows} windows: {missing} missing, {over} over tolerance {_fmt(tolerance)} "
+        f"(max error {_fmt(max_error)}), {incomplete} incomplete"
+    )
+
+
+def causes(late: int, lost: int, duplicate: int) -> str:
+    """The event counts that explain differences, e.g. '120 late, 600 lost events' ('' when none)."""
+    parts = [f"{n} {what}" for n, what in ((late, "late"), (lost, "lost"), (duplicate, "duplicated")) if n]
+    return f"{', '.join(parts)} events" if parts else ""
+
+
+def summary_line(day: date, success: bool, metrics: list[MetricAccuracy]) -> str:
+    """The day's verdict and every metric's figures (with their causes where there are any), on one line."""
+    parts = []
+    for m in metrics:
+        text = m.describe()
+        if m.causes():
+            text += f" ({m.causes()})"
+        parts.append(text)
+    return f"{day.isoformat()} {'PASS' if success else 'FAIL'}: " + "; ".join(parts)
 
 
 def _fmt(x: float | None) -> str:
@@ -144,16 +179,29 @@ def validate_day(settings: Settings, defs: Definitions, day: date, run_id: str |
             batch_parameters={"day": day.isoformat()},  # a date column's batches are matched by ISO text
             run_id=RunIdentifier(run_name=run_id, run_time=run_time),
         )
-        docs_url = context.get_docs_sites_urls(site_name=DOCS_SITE)[0]["site_url"]
-    docs_index = Path(url2pathname(urlsplit(docs_url).path))
+        docs_index = _site_path(context.get_docs_sites_urls(site_name=DOCS_SITE))
+        pages = {  # each metric's validation page, relative to the Data Docs root (served over HTTP by the plugin)
+            vr.suite_name: _site_path(context.get_docs_sites_urls(resource_identifier=identifier, site_name=DOCS_SITE))
+            .relative_to(docs_index.parent)
+            .as_posix()
+            for identifier, vr in result.run_results.items()
+        }
 
     by_suite = {vr.suite_name: vr for vr in result.run_results.values()}
-    metrics = [_metric_accuracy(m, by_suite[suite_name(m.name)], figures[m.name]) for m in defs.metrics]
+    metrics = [
+        _metric_accuracy(m, by_suite[suite_name(m.name)], figures[m.name], pages.get(suite_name(m.name)))
+        for m in defs.metrics
+    ]
     report = ValidationReport(
         day=day, run_id=run_id, success=bool(result.success), metrics=metrics, docs_index=docs_index
     )
     _record(url, report)
     return report
+
+
+def _site_path(urls: list[dict[str, Any]]) -> Path:
+    """The local file of a Data Docs URL (GX answers file:// URLs for a local site)."""
+    return Path(url2pathname(urlsplit(urls[0]["site_url"]).path))
 
 
 def write_tolerances(cur: Any, defs: Definitions) -> None:
@@ -167,11 +215,23 @@ def write_tolerances(cur: Any, defs: Definitions) -> None:
     )
 
 
+# A window is incomplete when the stream has a result but did not fold every truth event: some never landed
+# (lost) or were dropped as late, or it simply counted fewer. A bin packing is impossible when the stream used
+# fewer bins than any packing of the truth's items: FFD <= 11/9 OPT + 6/9, so OPT >= (9 FFD - 6) / 11.
+INCOMPLETE = (
+    "stream_events IS NOT NULL AND (coalesce(n_lost, 0) + coalesce(n_late, 0) > 0 OR stream_events < batch_events)"
+)
+IMPOSSIBLE = "kind = 'binpack' AND stream_value < (9 * batch_value - 6) / 11"
+
+
 def _day_figures(cur: Any, defs: Definitions, day: date) -> dict[str, tuple[Any, ...]]:
-    """{metric: (windows, max error, mean error, late, duplicate, lost events)} of one day, from the view."""
+    """{metric: (windows, max error, mean error, late, duplicate, lost events, incomplete, impossible, truth
+    events, sketch effect)} of one day, from the view."""
     cur.execute(
-        """SELECT metric, count(*), max(error), avg(error) FILTER (WHERE error < 'Infinity'),
-                  coalesce(sum(n_late), 0), coalesce(sum(n_dup), 0), coalesce(sum(n_lost), 0)
+        f"""SELECT metric, count(*), max(error), avg(error) FILTER (WHERE error < 'Infinity'),
+                  coalesce(sum(n_late), 0), coalesce(sum(n_dup), 0), coalesce(sum(n_lost), 0),
+                  count(*) FILTER (WHERE {INCOMPLETE}), count(*) FILTER (WHERE {IMPOSSIBLE}),
+                  coalesce(sum(batch_events), 0), sum(abs(sketch_effect))
            FROM quality.comparison WHERE day = %s AND metric = ANY(%s) GROUP BY metric""",
         (day, [m.name for m in defs.metrics]),
     )
@@ -318,16 +378,19 @@ def _suite(metric: Metric) -> gx.ExpectationSuite:
     )
 
 
-def _metric_accuracy(metric: Metric, vr: ExpectationSuiteValidationResult, figures: tuple[Any, ...]) -> MetricAccuracy:
+def _metric_accuracy(
+    metric: Metric, vr: ExpectationSuiteValidationResult, figures: tuple[Any, ...], page: str | None = None
+) -> MetricAccuracy:
     """Join a metric's GX outcome (success, missing, over tolerance) with its figures from the view."""
     by_type = {r.expectation_config.type: r for r in vr.results}
-    windows, max_err, mean_err, late, dup, lost = figures
+    windows, max_err, mean_err, late, dup, lost, incomplete, impossible, truth_events, sketch = figures
+    tolerance_result = by_type["expect_column_values_to_be_between"]
     return MetricAccuracy(
         metric=metric.name,
         success=bool(vr.success),
         windows=windows,
         missing=_observed(by_type["unexpected_rows_expectation"], "observed_value", metric.name),
-        over_tolerance=_observed(by_type["expect_column_values_to_be_between"], "unexpected_count", metric.name),
+        over_tolerance=_observed(tolerance_result, "unexpected_count", metric.name),
         max_error=max_err,
         mean_error=mean_err,
         tolerance=metric.tolerance,
@@ -335,6 +398,12 @@ def _metric_accuracy(metric: Metric, vr: ExpectationSuiteValidationResult, figur
         late_events=int(late),
         duplicate_events=int(dup),
         lost_events=int(lost),
+        incomplete=int(incomplete),
+        impossible=int(impossible),
+        within_tolerance=bool(tolerance_result.success),
+        truth_events=int(truth_events),
+        sketch_effect=sketch,
+        report_page=page,
     )
 
 
@@ -351,14 +420,16 @@ def _observed(r: ExpectationValidationResult, key: str, metric: str) -> int:
     raise BatchmarkError(f"GX could not evaluate {r.expectation_config.type} for {metric}: {'; '.join(messages)}")
 
 
+HISTORY_COLUMNS = [f.name for f in dataclasses.fields(MetricAccuracy)]  # each one a quality.accuracy_history column
+
+
 def _record(url: str, report: ValidationReport) -> None:
     """Append one quality.accuracy_history row per metric, in one transaction."""
     report_url = report.docs_index.as_uri()
     with storage.transaction(url) as cur:
         psycopg2.extras.execute_values(
             cur,
-            """INSERT INTO quality.accuracy_history (run_id, day, metric, success, windows, missing,
-                   over_tolerance, max_error, mean_error, tolerance, kind, late_events, duplicate_events,
-                   lost_events, report_url) VALUES %s""",
+            f"""INSERT INTO quality.accuracy_history (run_id, day, {", ".join(HISTORY_COLUMNS)}, report_url)
+                VALUES %s""",
             [(report.run_id, report.day, *dataclasses.astuple(m), report_url) for m in report.metrics],
         )

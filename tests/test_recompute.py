@@ -202,3 +202,6 @@ def test_lake_records_a_stricter_definition_refuses_are_counted_by_reason(
     result = spark.submit(config.load(), day, "strict")
     assert too_big > 100 and result["rejected"] == {"out_of_range": too_big}
     assert result["truth_events"] == len(set(lake.filter(pc.less_equal(lake["cpu"], 8.0))["event_id"].to_pylist()))
+    with storage.transaction(pg_url) as cur:  # kept for the rejected_rise alert, with the day's truth
+        cur.execute("SELECT source, reason, records FROM quality.rejections WHERE day = %s", (day,))
+        assert cur.fetchall() == [("lake", "out_of_range", too_big)]

@@ -119,9 +119,15 @@ def test_identical_stream_and_truth_pass(settings, defs, same_day):
         assert (m.success, m.windows, m.missing, m.over_tolerance) == (True, WINDOWS_PER_METRIC, 0, 0)
         assert m.max_error == 0.0 and m.mean_error == 0.0 and m.tolerance == 0.0
     assert report.summary_line() == (
-        f"2026-11-24 PASS: jobs {WINDOWS_PER_METRIC}/{WINDOWS_PER_METRIC} windows, max err 0 (tol 0); "
-        f"cpu_seconds {WINDOWS_PER_METRIC}/{WINDOWS_PER_METRIC} windows, max err 0 (tol 0)"
+        f"2026-11-24 PASS: jobs {WINDOWS_PER_METRIC} windows: 0 missing, 0 over tolerance 0 (max error 0), "
+        f"0 incomplete; cpu_seconds {WINDOWS_PER_METRIC} windows: 0 missing, 0 over tolerance 0 (max error 0), "
+        "0 incomplete"
     )
+    for m in report.metrics:  # what the drift checks read besides the error
+        assert (m.incomplete, m.impossible, m.within_tolerance) == (0, 0, True)
+        assert m.report_page.startswith(f"validations/accuracy_{m.metric}/run-identical/")
+        assert (report.docs_index.parent / m.report_page).is_file()
+    assert report.metrics[0].truth_events > WINDOWS_PER_METRIC
     assert report.docs_index == settings.gx_root / "uncommitted" / "data_docs" / "local_site" / "index.html"
     assert report.docs_index.is_file()
     assert "accuracy_jobs" in report.docs_index.read_text()
@@ -175,7 +181,10 @@ def test_altered_stream_value_fails_only_that_metric(settings, defs, same_day):
     assert cpu.mean_error == pytest.approx(0.5 / WINDOWS_PER_METRIC)
     assert (jobs.success, jobs.missing, jobs.over_tolerance, jobs.max_error) == (True, 0, 0, 0.0)
     assert report.summary_line().startswith("2026-11-24 FAIL: jobs ")
-    assert "max err 0.5 (tol 0), 1 over tol" in report.summary_line()
+    assert f"cpu_seconds {WINDOWS_PER_METRIC} windows: 0 missing, 1 over tolerance 0 (max error 0.5), 0 incomplete" in (
+        report.summary_line()
+    )
+    assert (cpu.within_tolerance, jobs.within_tolerance) == (False, True)
 
     history = _history(settings, "run-altered")
     assert history["cpu_seconds"][1:5] == (False, WINDOWS_PER_METRIC, 0, 1)
@@ -205,7 +214,8 @@ def test_deleted_stream_row_is_missing(settings, defs, same_day):
     assert (jobs.success, jobs.windows, jobs.missing, jobs.over_tolerance) == (False, WINDOWS_PER_METRIC, 1, 0)
     assert jobs.max_error == 0.0  # the missing window has no relative error
     assert (cpu.success, cpu.missing, cpu.over_tolerance) == (True, 0, 0)
-    assert f"jobs {WINDOWS_PER_METRIC - 1}/{WINDOWS_PER_METRIC} windows" in report.summary_line()
+    assert f"jobs {WINDOWS_PER_METRIC} windows: 1 missing, 0 over tolerance 0" in report.summary_line()
+    assert jobs.within_tolerance is True  # missing is not over tolerance: the two are named apart
     assert _history(settings, "run-missing")["jobs"][1:5] == (False, WINDOWS_PER_METRIC, 1, 0)
 
 
