@@ -9,6 +9,9 @@ It makes the day a run checks visible wherever runs are listed:
   ``manual__2026-11-24__<trigger time>``, from the UI's trigger form and the REST API alike;
 - ``RunNotes`` (a listener) writes "recomputes 2026-11-24" / "validates ..." into the run's note when the
   scheduler starts it (a note the person gave is kept after it).
+
+It also serves the validation reports (GX Data Docs) over HTTP at ``/batchmark/reports/`` on the API server,
+so an alert's link opens in a browser on any machine that reaches Airflow (not a file path on the scheduler).
 """
 
 from __future__ import annotations
@@ -128,10 +131,24 @@ class DayRunIds:
         await self.app({**scope, "headers": headers}, replay, send)
 
 
+def reports_app() -> Any:
+    """A read-only app serving the Data Docs site of the GX project (settings.gx_root) as static files."""
+    from fastapi import FastAPI
+    from fastapi.staticfiles import StaticFiles
+
+    from batchmark import config
+
+    site = config.load().gx_root / "uncommitted" / "data_docs" / "local_site"
+    app = FastAPI(title="batchmark reports", docs_url=None, redoc_url=None, openapi_url=None)
+    app.mount("/reports", StaticFiles(directory=site, html=True, check_dir=False), name="reports")
+    return app
+
+
 class BatchmarkPlugin(AirflowPlugin):
-    """batchmark's timetable, run-naming middleware and run-note listener."""
+    """batchmark's timetable, run-naming middleware, run-note listener and validation reports."""
 
     name = "batchmark"
     listeners = [RunNotes()]
     timetables = [NightlyTimetable]
     fastapi_root_middlewares = [{"name": "batchmark_day_run_ids", "middleware": DayRunIds}]
+    fastapi_apps = [{"app": reports_app(), "url_prefix": "/batchmark", "name": "batchmark reports"}]

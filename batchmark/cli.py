@@ -175,6 +175,34 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0 if report.success else 1
 
 
+def cmd_alerts(args: argparse.Namespace) -> int:
+    from batchmark import alerts
+    from batchmark.definitions import load_definitions
+    from batchmark.windows import parse_day
+
+    s = config.load()
+    if args.date:
+        recorded = alerts.evaluate_day(s, load_definitions(s.definitions_path), parse_day(args.date))
+        print(f"{len(recorded)} new alerts for {args.date}" + "".join(f"\n  {a.title}" for a in recorded))
+    if args.date or args.deliver:
+        if not s.alert_channels:
+            print(
+                "no alert channel configured: set BATCHMARK_ALERT_CHANNELS to Airflow connection ids (README, Alerts)"
+            )
+        print(f"deliveries: {alerts.deliver_pending(s).line()}")
+        return 0
+    rows = alerts.recent(s.database_url, args.days)
+    if not rows:
+        print(f"no alerts in the last {args.days} days")
+    for r in rows:
+        sent = ", ".join(r["delivered_to"]) or "-"
+        print(
+            f"{r['day']}  {r['severity']:<9} {r['metric']} {r['check_name']:<15} {r['delivery_status']:<10} "
+            f"to {sent}" + (f"  (last error: {r['last_error']})" if r["last_error"] else "")
+        )
+    return 0
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from batchmark import stack
 
@@ -287,6 +315,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--date", required=True, help="YYYY-MM-DD")
     p.add_argument("--metric", action="append", help="validate only this metric (repeatable; default: all)")
     p.set_defaults(fn=cmd_validate)
+
+    p = sub.add_parser(
+        "alerts",
+        help="list recent accuracy alerts and their delivery; --date records a validated day's alerts and sends them",
+    )
+    p.add_argument("--date", help="record the alerts of this validated day (YYYY-MM-DD), then send pending ones")
+    p.add_argument("--deliver", action="store_true", help="send every pending alert that is due")
+    p.add_argument("--days", type=int, default=30, help="list the alerts of this many days (default 30)")
+    p.set_defaults(fn=cmd_alerts)
     return parser
 
 

@@ -96,6 +96,12 @@ class Settings:
     dlq_topic: str = "events.dlq"
     partitions: int = 2
     spark: SparkSettings = field(default_factory=lambda: SparkSettings())
+    # Where alerts go: Airflow connection ids (apprise or smtp type), comma-separated in BATCHMARK_ALERT_CHANNELS;
+    # none = alerts are recorded in quality.alerts and shown, not sent.
+    alert_channels: tuple[str, ...] = ()
+    # The HTTP address of the validation reports (the Data Docs the Airflow plugin serves); alert links start here.
+    report_url: str = "http://127.0.0.1:8080/batchmark/reports"
+    alert_retry_seconds: float = 60.0  # the first retry of a failed delivery; doubles per attempt, at most 6 h
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -142,4 +148,7 @@ def load() -> Settings:
         dlq_topic=_env("BATCHMARK_DLQ_TOPIC", "events.dlq"),
         partitions=int(_env("BATCHMARK_PARTITIONS", "2")),
         spark=_spark_settings(),
+        alert_channels=tuple(c.strip() for c in _env("BATCHMARK_ALERT_CHANNELS", "").split(",") if c.strip()),
+        report_url=_env("BATCHMARK_REPORT_URL", "http://127.0.0.1:8080/batchmark/reports").rstrip("/"),
+        alert_retry_seconds=float(_env("BATCHMARK_ALERT_RETRY_SECONDS", "60")),
     )

@@ -63,9 +63,11 @@ def stack_airflow_env(settings: Settings, api_port: int) -> dict[str, str]:
     """Environment of the stack's Airflow processes: the local settings plus the API server's address."""
     keys = _secrets(settings)
     base = f"http://127.0.0.1:{api_port}"
+    reports = {} if os.environ.get("BATCHMARK_REPORT_URL") else {"BATCHMARK_REPORT_URL": f"{base}/batchmark/reports"}
     return airflow_env(
         settings,
         {
+            **reports,  # alert links point at this API server unless the user says otherwise
             "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__PORT": str(api_port),
             "AIRFLOW__API__WORKERS": "1",

@@ -5,14 +5,20 @@ truth, this DAG validates that day. Truth written for several days before it sta
 in one run, one mapped task per day (the task's label is the day). Trigger it by hand with the `date` Param
 to validate a day again (for instance after changing a tolerance), optionally for some `metrics` only.
 
-    days_to_validate  ->  validate_with_gx[day]  ->  check_accuracy[day]
+    days_to_validate  ->  validate_with_gx[day]  ->  alert_on_drift[day]  ->  check_accuracy[day]
 
 1. days_to_validate: the `date` Param, else the days named by the truth Asset events that triggered the run.
 2. validate_with_gx: the GX checkpoint compares stream.results with truth.results for the day (completeness:
    every truth window has a stream row; accuracy: each metric's error within its tolerance), updates the Data
    Docs, appends to quality.accuracy_history and publishes the Asset `batchmark://quality/accuracy_history`.
-3. check_accuracy: fails the day's task when a metric is out of tolerance -- that is the accuracy alert; the
-   message is the summary line and where the report is.
+3. alert_on_drift: runs the drift checks (batchmark.drift: tolerance, completeness, trend and slow drift
+   against the metric's own history, rises in late/lost/duplicated/rejected records) and records each change
+   of state in quality.alerts -- one alert per change, not one per night -- then sends what is pending to the
+   channels (Airflow connections named in BATCHMARK_ALERT_CHANNELS: apprise or smtp). A channel that is down
+   keeps its alerts pending; the next run of this DAG or of `deliver_alerts` sends them.
+4. check_accuracy: asserts the GX checkpoint's success itself (the GX provider would not fail a task on a
+   failed validation) and fails the day's task when a metric failed; the message is the summary line and the
+   report's address.
 
 A configuration error (a bad date, an unknown metric, no truth for the day) fails at once; an unreachable
 service is retried with exponential backoff. Every failure is recorded in quality.task_failures.
@@ -86,16 +92,37 @@ with DAG(
         report = validation.validate_day(settings, defs, parse_day(day), orchestration.context_run_id())
         print(report.summary_line())
         ctx["outlet_events"][ACCURACY].extra = {"day": day, "success": report.success}
-        return {"day": day, "success": report.success, "summary": report.summary_line(), "docs": str(report.docs_index)}
+        return {
+            "day": day,
+            "success": report.success,
+            "summary": report.summary_line(),
+            "docs": f"{settings.report_url}/index.html",
+        }
+
+    @task(map_index_template="{{ day }}")
+    def alert_on_drift(result: dict[str, Any]) -> dict[str, Any]:
+        """Record the day's alerts (state changes of the drift checks) and send every pending one."""
+        from batchmark import alerts, config
+        from batchmark.definitions import load_definitions
+        from batchmark.windows import parse_day
+
+        get_current_context()["day"] = result["day"]  # type: ignore[typeddict-unknown-key]
+        settings = config.load()
+        defs = load_definitions(settings.definitions_path)
+        recorded = alerts.evaluate_day(settings, defs, parse_day(result["day"]))
+        for a in recorded:
+            print(f"{a.title}{' (suppressed: same alert within suppress_days)' if a.suppressed else ''}")
+        if not settings.alert_channels:
+            print("no alert channel configured (BATCHMARK_ALERT_CHANNELS): alerts are recorded in quality.alerts")
+        print(f"{len(recorded)} new alerts; deliveries: {alerts.deliver_pending(settings).line()}")
+        return result
 
     @task(retries=0, map_index_template="{{ day }}")
     def check_accuracy(result: dict[str, Any]) -> str:
         """Fail when the stream was out of tolerance on the day: the accuracy alert."""
         get_current_context()["day"] = result["day"]  # type: ignore[typeddict-unknown-key]
-        if not result["success"]:
-            raise AirflowFailException(
-                f"stream accuracy out of tolerance: {result['summary']} (report: {result['docs']})"
-            )
+        if result["success"] is not True:  # the checkpoint's own verdict, asserted here
+            raise AirflowFailException(f"stream accuracy check failed: {result['summary']} (report: {result['docs']})")
         return result["summary"]
 
-    check_accuracy.expand(result=validate_with_gx.expand(day=days_to_validate()))
+    check_accuracy.expand(result=alert_on_drift.expand(result=validate_with_gx.expand(day=days_to_validate())))

@@ -15,7 +15,7 @@ from airflow.sdk import ExceptionRetryPolicy
 from batchmark import orchestration
 from batchmark.airflow_plugin import NightlyTimetable
 
-DAG_IDS = {"nightly_recompute", "validate_accuracy"}
+DAG_IDS = {"nightly_recompute", "validate_accuracy", "deliver_alerts"}
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +33,14 @@ def test_dags_are_documented_owned_tagged_and_retry(dagbag: DagBag) -> None:
         assert dag.tags and "batchmark" in dag.tags, dag_id
         assert dag.doc_md and dag_id in dag.doc_md.splitlines()[0], dag_id
         assert dag.description, dag_id
-        assert dag.params["date"] is None, dag_id
+        if dag_id in orchestration.DAY_DAGS:
+            assert dag.params["date"] is None, dag_id
         for t in dag.tasks:
             assert t.owner == orchestration.OWNER, (dag_id, t.task_id)
             assert t.on_failure_callback, (dag_id, t.task_id)
             assert isinstance(t.retry_policy, ExceptionRetryPolicy), (dag_id, t.task_id)
-            if t.task_id != "check_accuracy":  # an accuracy failure is a finding, not a transient error
+            # an accuracy failure is a finding, not a transient error; the outbox's retry is its next run
+            if t.task_id not in ("check_accuracy", "send_pending_alerts"):
                 assert t.retries >= 2, f"{dag_id}.{t.task_id} does not retry"
                 assert t.retry_exponential_backoff and t.retry_delay.total_seconds() == 30, t.task_id
             else:
@@ -69,7 +71,8 @@ def test_validate_accuracy_runs_on_the_truth_asset(dagbag: DagBag) -> None:
     order = {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks}
     assert order == {
         "days_to_validate": ["validate_with_gx"],
-        "validate_with_gx": ["check_accuracy"],
+        "validate_with_gx": ["alert_on_drift"],
+        "alert_on_drift": ["check_accuracy"],
         "check_accuracy": [],
     }
     assert dag.timetable.asset_condition.uri == orchestration.TRUTH_ASSET_URI
@@ -145,3 +148,10 @@ def test_the_spark_connection_comes_from_spark_master_and_then_belongs_to_the_us
     )
     ensure_spark_connection(settings, env)
     assert host() == settings.spark_master
+
+
+def test_deliver_alerts_retries_the_outbox_every_quarter_hour(dagbag: DagBag) -> None:
+    dag = dagbag.dags["deliver_alerts"]
+    assert [t.task_id for t in dag.tasks] == ["send_pending_alerts"]
+    assert dag.timetable.expression == "*/15 * * * *"
+    assert dag.is_paused_upon_creation is False and dag.catchup is False and dag.max_active_runs == 1

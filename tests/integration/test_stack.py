@@ -332,13 +332,36 @@ def test_validation_follows_the_truth_asset(stack: dict[str, Any]) -> None:
     assert all(r["run_type"] == "asset_triggered" for r in runs)
     tis = api.get(f"/api/v2/dags/validate_accuracy/dagRuns/{runs[0]['dag_run_id']}/taskInstances")["task_instances"]
     labels = {(t["task_id"], t["rendered_map_index"]) for t in tis if t["map_index"] >= 0}
-    assert labels == {("validate_with_gx", UI_DAY.isoformat()), ("check_accuracy", UI_DAY.isoformat())}
+    assert labels == {
+        ("validate_with_gx", UI_DAY.isoformat()),
+        ("alert_on_drift", UI_DAY.isoformat()),
+        ("check_accuracy", UI_DAY.isoformat()),
+    }
     with storage.transaction(stack["database_url"]) as cur:
         cur.execute("SELECT count(*), bool_and(success) FROM quality.accuracy_history WHERE day = %s", (UI_DAY,))
         n, ok = cur.fetchone()
     assert n == len(load_definitions(REPO_ROOT / "batchmark" / "metrics.toml").metrics) and ok
     events = api.get("/api/v2/assets/events", source_dag_id="validate_accuracy")["asset_events"]
     assert {"day": UI_DAY.isoformat(), "success": True} in [e["extra"] for e in events]
+
+
+def test_the_report_an_alert_links_to_is_served_by_the_api_server(stack: dict[str, Any]) -> None:
+    """An alert's link is http://<api server>/batchmark/reports/<the metric's validation page>: it must open
+    on any machine that reaches Airflow, not name a file on the scheduler's disk."""
+    api: Api = stack["api"]
+    api.wait_for_runs("validate_accuracy", lambda r: UI_DAY.isoformat() in (r["note"] or ""), 1, 300)
+    with storage.transaction(stack["database_url"]) as cur:
+        cur.execute(
+            """SELECT report_page FROM quality.accuracy_history WHERE day = %s AND metric = 'jobs'
+               ORDER BY created_at DESC LIMIT 1""",
+            (UI_DAY,),
+        )
+        (page,) = cur.fetchone()
+    link = f"{stack['base']}/batchmark/reports/{page}"
+    response = httpx.get(link, timeout=10)
+    assert response.status_code == 200 and "accuracy_jobs" in response.text, link
+    assert httpx.get(f"{stack['base']}/batchmark/reports/index.html", timeout=10).status_code == 200
+    assert httpx.get(f"{stack['base']}/batchmark/reports/%2e%2e/%2e%2e/pyproject.toml", timeout=10).status_code == 404
 
 
 def test_a_date_that_is_not_a_day_is_refused_before_a_run(stack: dict[str, Any]) -> None:
