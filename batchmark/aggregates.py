@@ -475,6 +475,7 @@ class TopK(Aggregate):
         return {
             "recall": hits / len(true_k) if true_k else 1.0,
             "guaranteed_miss_rate": miss / len(guaranteed) if guaranteed else 0.0,
+            "guaranteed": len(guaranteed),  # how many true top-k items theory guarantees (0: the rate says nothing)
             "count_error": count_err,
         }
 

@@ -69,8 +69,10 @@ class Manifest:
     lost: int = 0
     archive: str | None = None
     malformed_by_reason: dict[str, int] = field(default_factory=dict)
-    late_event_ids: list[str] = field(default_factory=list)
-    duplicate_event_ids: list[str] = field(default_factory=list)
+    late_event_ids: list[str] = field(default_factory=list)  # one entry per late record (a copy may be late)
+    duplicate_event_ids: list[str] = field(default_factory=list)  # one entry per extra copy
+    lost_event_ids: list[str] = field(default_factory=list)  # in the archive, never sent
+    malformed_lines: list[tuple[int, str]] = field(default_factory=list)  # (line number from 0, reason)
 
 
 def _zipf_weights(n: int, s: float) -> np.ndarray:
@@ -136,6 +138,7 @@ def generate(cfg: GeneratorConfig, out: Path, archive: Path | None = None) -> Ma
         duplicates=len(dup_ix),
         malformed=0,
         lost=len(lost_ix),
+        lost_event_ids=[events[i]["event_id"] for i in sorted(lost_ix)],
     )
     seen: set[int] = set()
     # the stream's rule, simulated per partition: late = the window was closed when the record arrived
@@ -158,6 +161,7 @@ def generate(cfg: GeneratorConfig, out: Path, archive: Path | None = None) -> Ma
                 reason, corrupt = MALFORMED[cycle % len(MALFORMED)]
                 cycle += 1
                 fh.write(corrupt(rec) + b"\n")
+                manifest.malformed_lines.append((manifest.records - 1, reason))
                 manifest.malformed += 1
                 manifest.malformed_by_reason[reason] = manifest.malformed_by_reason.get(reason, 0) + 1
                 continue

@@ -44,6 +44,33 @@ async def _read_topic(bootstrap: str, topic: str, expect: int, timeout_s: float 
     return out
 
 
+async def _read_positions(
+    bootstrap: str, topic: str, expect: int, timeout_s: float = 30
+) -> dict[tuple[int, int], bytes]:
+    """{(partition, offset): raw value} of a topic's first `expect` records."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False, group_id=None
+    )
+    await consumer.start()
+    out: dict[tuple[int, int], bytes] = {}
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while len(out) < expect and loop.time() < deadline:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                out.update({(r.partition, r.offset): r.value for r in records})
+    finally:
+        await consumer.stop()
+    return out
+
+
+def _data_file(settings) -> Path:  # noqa: ANN001
+    """The generated file streamed_day replayed (conftest.streamed_day names it after the topic and day)."""
+    return Path(os.environ["BATCHMARK_HOME"]) / f"{settings.events_topic}-{DAY}.jsonl"
+
+
 @pytest.fixture(scope="module")
 def streamed_day(pg_url: str, broker, home: Path):  # noqa: ANN001, ANN201
     """A day with out-of-order and malformed records, but nothing late, duplicated or lost."""
@@ -65,6 +92,16 @@ def test_malformed_records_land_in_the_dlq_with_their_reason(streamed_day) -> No
         assert d["detail"] and d["topic"] == settings.events_topic
         assert base64.b64decode(d["raw_b64"])  # the raw record is kept
     assert by_reason == manifest.malformed_by_reason
+    # which records and why: each dead letter is one malformed line of the file, with the reason it was made for
+    data = _data_file(settings)
+    lines = data.read_bytes().split(b"\n")
+    expected = sorted((lines[i], reason) for i, reason in manifest.malformed_lines)
+    assert sorted((base64.b64decode(d["raw_b64"]), d["reason"]) for d in dead) == expected
+    # and where: (partition, offset) of each dead letter holds exactly that record in the events topic
+    events = asyncio.run(_read_positions(settings.bootstrap_servers, settings.events_topic, manifest.records))
+    assert len({(d["partition"], d["offset"]) for d in dead}) == len(dead)
+    for d in dead:
+        assert events[(d["partition"], d["offset"])] == base64.b64decode(d["raw_b64"])
     assert worker.poll() is None  # the worker kept going
 
 
@@ -73,9 +110,26 @@ def test_stream_results_count_every_valid_event_once(streamed_day, pg_url: str) 
     stream = storage.fetch_results(pg_url, "stream", DAY)
     jobs = sum(n for (metric, _, _), (_, n) in stream.items() if metric == "jobs")
     assert jobs == manifest.valid_events == manifest.records - manifest.malformed
+    # per window: the valid lines of the file, counted here by (tenant, minute)
+    from collections import Counter
+    from datetime import datetime
+
+    bad = {i for i, _ in manifest.malformed_lines}
+    expected: Counter[tuple[str, int]] = Counter()
+    for i, line in enumerate(_data_file(streamed_day[0]).read_bytes().splitlines()):
+        if i not in bad:
+            rec = orjson.loads(line)
+            ms = int(datetime.fromisoformat(rec["event_time"].replace("Z", "+00:00")).timestamp() * 1000)
+            expected[(rec["tenant"], ms - ms % 60_000)] += 1
+    got = {
+        (key, int(start.timestamp() * 1000)): (value, n)
+        for (metric, key, start), (value, n) in stream.items()
+        if metric == "jobs"
+    }
+    assert got == {k: (float(n), n) for k, n in expected.items()}  # every window: its value and its events
 
 
-def test_batch_truth_equals_stream_exactly_and_rerun_is_identical(streamed_day, pg_url: str) -> None:  # noqa: ANN001
+def test_truth_equals_stream_for_exact_kinds_sketches_within_bounds_and_rerun_is_identical(streamed_day, pg_url: str) -> None:  # noqa: ANN001
     settings, defs, manifest, _ = streamed_day
     first = spark.submit(settings, DAY, "test-run-1")
     truth1 = storage.fetch_results(pg_url, "truth", DAY)
@@ -151,10 +205,15 @@ def test_nightly_dags_run_end_to_end(streamed_day, airflow_db: Path, pg_url: str
     assert str(run.state) in ("success", "DagRunState.SUCCESS")
     tis = run.get_task_instances()
     assert sorted((ti.task_id, ti.map_index) for ti in tis) == [
+        ("alert_on_drift", 0),
         ("check_accuracy", 0),
         ("days_to_validate", -1),
         ("validate_with_gx", 0),
     ]
+    with storage.transaction(pg_url) as cur:  # a day the stream got right raises nothing (it may recover
+        # checks that an earlier day of this database left failing)
+        cur.execute("SELECT count(*) FROM quality.alerts WHERE day = %s AND state_after <> 'ok'", (DAY,))
+        assert cur.fetchone() == (0,)
     with storage.transaction(pg_url) as cur:
         cur.execute(
             "SELECT bool_and(success), count(*) FROM quality.accuracy_history WHERE run_id = %s AND day = %s",
@@ -162,3 +221,72 @@ def test_nightly_dags_run_end_to_end(streamed_day, airflow_db: Path, pg_url: str
         )
         ok, n = cur.fetchone()
     assert ok and n == len(load_definitions(settings.definitions_path).metrics)
+
+
+SKETCH_DAY = date(2026, 11, 23)
+SKETCH_METRICS = """
+[[metric]]
+name = "users_hll"
+kind = "distinct"
+field = "user"
+lg_k = 4
+group_by = ["tenant"]
+window = "1h"
+allowed_lateness = "30s"
+
+[[metric]]
+name = "duration_p90"
+kind = "quantile"
+value = "duration_s"
+q = 0.9
+k = 8
+group_by = ["tenant"]
+window = "1h"
+allowed_lateness = "30s"
+"""
+
+
+@pytest.fixture(scope="module")
+def sketch_day(pg_url: str, broker, home: Path):  # noqa: ANN001, ANN201
+    """One tenant, 60,000 events: every hourly window holds ~2,500 values, far more than 10x the sketches' k
+    (HLL with 16 registers, KLL with k = 8), so the stream's sketches really approximate."""
+    from batchmark.config import REPO_ROOT
+
+    text = (REPO_ROOT / "batchmark" / "metrics.toml").read_text()
+    path = home / "sketch-metrics.toml"
+    path.write_text(text[: text.index("[[metric]]")] + SKETCH_METRICS)
+    saved = os.environ.get("BATCHMARK_DEFINITIONS")
+    os.environ["BATCHMARK_DEFINITIONS"] = str(path)
+    try:
+        with _streamed_day("events-sketch", SKETCH_DAY, home, events=60_000, tenants=1, seed=5) as streamed:
+            settings = streamed[0]
+            yield settings, streamed[1], spark.submit(settings, SKETCH_DAY, "sketch-day")
+    finally:
+        if saved is None:
+            os.environ.pop("BATCHMARK_DEFINITIONS", None)
+        else:
+            os.environ["BATCHMARK_DEFINITIONS"] = saved
+
+
+def test_sketches_on_windows_of_thousands_of_values_err_within_their_bounds(sketch_day, pg_url: str) -> None:  # noqa: ANN001
+    settings, defs, result = sketch_day
+    assert result["truth_events"] == 60_000
+    with storage.transaction(pg_url) as cur:
+        validation.write_tolerances(cur, defs)
+        cur.execute(
+            """SELECT metric, count(*), min(batch_events), count(*) FILTER (WHERE error > 0),
+                      avg((error <= tolerance)::int), max(error)
+               FROM quality.comparison WHERE day = %s AND metric = ANY(%s) GROUP BY metric""",
+            (SKETCH_DAY, [m.name for m in defs.metrics]),
+        )
+        figures = {r[0]: r[1:] for r in cur.fetchall()}
+    for m in defs.metrics:
+        k = 2**m.aggregate.lg_k if m.kind == "distinct" else m.aggregate.params["k"]
+        windows, smallest, with_error, within, worst = figures[m.name]
+        print(
+            f"{m.name}: {windows} windows of >= {smallest} values (k {k}); {with_error} with a non-zero error; "
+            f"{float(within):.0%} within the bound {m.tolerance:.3g}; worst {worst:.3g}"
+        )
+        assert windows == 24 and smallest >= 10 * k, m.name
+        assert with_error >= 12, m.name  # the sketch approximates: most windows are not exact
+        assert float(within) >= m.mostly and worst > 0, m.name
