@@ -192,7 +192,8 @@ def compose(
         )
         sketch = row.get("sketch_effect")
         lines.append(
-            f"Causes: {split}; sketch error {sketch or 0:.3g} (sum over windows); "
+            f"Causes: {split}; the sketch's own part {sketch or 0:.3g} (sum over windows of |stream - exact "
+            "value of what it saw|); "
             f"{rejected} records rejected that day."
         )
     else:

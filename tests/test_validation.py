@@ -50,7 +50,8 @@ def settings(database: str, tmp_path: Path) -> config.Settings:
     shutil.copytree(config.REPO_ROOT / "expectations", gx_root, ignore=shutil.ignore_patterns("uncommitted"))
     with storage.transaction(database) as cur:
         cur.execute(
-            "TRUNCATE stream.results, truth.results, quality.metrics, quality.accuracy_history, quality.window_accuracy"
+            "TRUNCATE stream.results, truth.results, quality.metrics, quality.accuracy_history,"
+            " quality.window_accuracy, quality.alerts CASCADE"
         )
     return dataclasses.replace(config.load(), database_url=database, gx_root=gx_root)
 
@@ -259,3 +260,65 @@ def test_no_truth_for_the_day_is_refused(settings, defs, same_day):
         assert cur.fetchone() == (0,)
         cur.execute("SELECT count(*) FROM quality.metrics")
         assert cur.fetchone() == (2,)  # the tolerances are written before the refusal
+
+
+def test_a_count_that_lost_one_event_and_doubled_another_is_incomplete_and_alerts(settings, defs, same_day):
+    """The stream's count equals the truth (one event lost, another counted twice): the kind's error is 0, GX
+    passes, and the completeness check still fails the metric."""
+    from batchmark import alerts
+
+    _execute(
+        settings,
+        """INSERT INTO quality.window_accuracy (metric, group_key, window_start, day, stream_value, error,
+               n_lost, n_dup, n_late) VALUES ('jobs', 'acme', '2026-11-24 10:00:00+00', '2026-11-24', 1, 0, 1, 1, 0)""",
+    )
+    report = validate_day(settings, defs, DAY, run_id="run-lost-and-doubled")
+    jobs = _by_metric(report)["jobs"]
+
+    assert (jobs.success, jobs.max_error, jobs.incomplete, jobs.lost_events, jobs.duplicate_events) == (
+        True,
+        0,
+        1,
+        1,
+        1,
+    )
+    assert f"jobs {WINDOWS_PER_METRIC} windows: 0 missing, 0 over tolerance 0 (max error 0), 1 incomplete" in (
+        report.summary_line()
+    )
+    raised = alerts.evaluate_day(settings, defs, DAY)
+    assert [(a.metric, a.check, a.severity) for a in raised] == [("jobs", "completeness", "error")]
+    assert "1 of 4320 truth windows incomplete (1 with truth events the stream did not fold)" in raised[0].message
+
+
+def test_a_bin_packing_below_what_the_items_need_fails_completeness(settings, tmp_path):
+    """22 bins where the truth's FFD needed 123: FF/FFD = 0.18 is far inside the 1.7 tolerance, but no packing
+    of those items fits in fewer than (9 x 123 - 6) / 11 = 100 bins, so the stream missed items."""
+    from batchmark import alerts
+
+    path = tmp_path / "binpack.toml"
+    text = (Path(__file__).parent / "data" / "exact_metrics.toml").read_text()
+    path.write_text(
+        text[: text.index("[[metric]]")]
+        + '[[metric]]\nname = "node_packing"\nkind = "binpack"\nvalue = "mem_gb"\ncapacity = 128.0\n'
+        'group_by = ["tenant"]\nwindow = "5m"\nallowed_lateness = "30s"\n'
+    )
+    packing = load_definitions(path)
+    start, _ = day_bounds_ms(DAY)
+    truth = [("node_packing", "acme", start, start + 300_000, 123.0, 900, None)]
+    truth.append(("node_packing", "globex", start, start + 300_000, 10.0, 50, None))
+    storage.replace_truth_day(settings.database_url, DAY, ["node_packing"], truth, "truth-run")
+    with storage.transaction(settings.database_url) as cur:
+        storage.upsert_stream_results(
+            cur,
+            [
+                WindowResult("node_packing", "acme", start, start + 300_000, 22.0, 900),  # same events counted
+                WindowResult("node_packing", "globex", start, start + 300_000, 11.0, 50),  # FF 1.1x FFD: fine
+            ],
+        )
+
+    report = validate_day(settings, packing, DAY, run_id="run-packing")
+    (m,) = report.metrics
+    assert (m.success, m.within_tolerance, m.impossible, m.incomplete) == (True, True, 1, 0)
+    raised = alerts.evaluate_day(settings, packing, DAY)
+    assert [(a.metric, a.check) for a in raised] == [("node_packing", "completeness")]
+    assert "1 with fewer bins than the truth's items need" in raised[0].message
