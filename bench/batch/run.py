@@ -7,8 +7,9 @@ Per size: a fresh home and database, a day landed straight in the lake (batchmar
 1% duplicates, 0.5% late, 1% lost; with --archive also the system of record as JSONL), one warm-up run whose
 truth is then copied into stream.results (so every window has a stream value and the accuracy path runs), then
 the timed run of this checkout and, up to --baseline-max events, of the code at --baseline-ref (a git worktree)
-on the same day, and whether both wrote the same rows bit for bit (an md5 of every column's text). Memory: psutil samples of the spark-submit process tree every 0.2 s (the JVM: driver and, on
-local[*], the executors; the Python driver; the largest Python worker). Figures: job seconds (from the job's
+on the same day, and whether both wrote the same rows bit for bit (an md5 of every column's text). Memory:
+psutil samples of the spark-submit process tree every 0.2 s (the JVM: driver and, on local[*], the executors;
+the Python driver; the largest Python worker). Figures: job seconds (from the job's
 own clock, start-up excluded), events/s, the marginal events/s between the two largest sizes, the time per
 event at each size (start-up subtracted), and with --stages the split by the job's prefixes.
 """

@@ -129,7 +129,7 @@ def test_stream_results_count_every_valid_event_once(streamed_day, pg_url: str) 
     assert got == {k: (float(n), n) for k, n in expected.items()}  # every window: its value and its events
 
 
-def test_truth_equals_stream_for_exact_kinds_sketches_within_bounds_and_rerun_is_identical(streamed_day, pg_url: str) -> None:  # noqa: ANN001
+def test_truth_equals_stream_on_exact_kinds_sketches_in_bounds_rerun_identical(streamed_day, pg_url: str) -> None:  # noqa: ANN001
     settings, defs, manifest, _ = streamed_day
     first = spark.submit(settings, DAY, "test-run-1")
     truth1 = storage.fetch_results(pg_url, "truth", DAY)
