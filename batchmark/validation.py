@@ -39,7 +39,7 @@ from great_expectations.datasource.fluent.sql_datasource import QueryAsset
 from great_expectations.exceptions import DataContextError
 from great_expectations.expectations.row_conditions import Column
 
-from batchmark import storage
+from batchmark import reports, storage
 from batchmark.config import Settings
 from batchmark.definitions import Definitions, Metric
 from batchmark.errors import BatchmarkError, ConfigError
@@ -180,6 +180,7 @@ def validate_day(settings: Settings, defs: Definitions, day: date, run_id: str |
             run_id=RunIdentifier(run_name=run_id, run_time=run_time),
         )
         docs_index = _site_path(context.get_docs_sites_urls(site_name=DOCS_SITE))
+        reports.make_offline(docs_index.parent)  # every page loads vendored assets only: it works offline
         pages = {  # each metric's validation page, relative to the Data Docs root (served over HTTP by the plugin)
             vr.suite_name: _site_path(context.get_docs_sites_urls(resource_identifier=identifier, site_name=DOCS_SITE))
             .relative_to(docs_index.parent)

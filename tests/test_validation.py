@@ -322,3 +322,51 @@ def test_a_bin_packing_below_what_the_items_need_fails_completeness(settings, tm
     raised = alerts.evaluate_day(settings, packing, DAY)
     assert [(a.metric, a.check) for a in raised] == [("node_packing", "completeness")]
     assert "1 with fewer bins than the truth's items need" in raised[0].message
+
+
+def test_data_docs_work_offline_in_a_browser(settings, defs, same_day):
+    """Every page of the site loads vendored assets only; Chromium, with every request that leaves the disk
+    blocked, lists the validations on the index (its table is built by jQuery + bootstrap-table) and renders a
+    validation page."""
+    import re
+
+    from playwright.sync_api import sync_playwright
+
+    from batchmark import reports
+
+    validate_day(settings, defs, DAY, run_id="run-offline-1")
+    report = validate_day(settings, defs, DAY, run_id="run-offline-2")
+    site = report.docs_index.parent
+    pages = list(site.rglob("*.html"))
+    assert len(pages) >= 5
+    for page in pages:
+        text = page.read_text()
+        assert reports.external_resources(text) == [], page
+        for ref in re.findall(r'(?:src|href)="([^"#:]+\.(?:js|css))"', text):
+            assert (page.parent / ref).resolve().is_file(), (page, ref)
+
+    outside: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=os.environ.get("BATCHMARK_CHROMIUM", "/usr/bin/chromium"))
+        page = browser.new_page()
+
+        def route(r):  # noqa: ANN001, ANN202
+            if r.request.url.startswith(("file://", "data:")):
+                return r.continue_()
+            outside.append(r.request.url)
+            return r.abort()
+
+        page.route("**/*", route)
+        page.goto(report.docs_index.as_uri())
+        rows = page.locator("table tbody tr")
+        rows.first.wait_for(timeout=15_000)
+        listed = " ".join(page.locator("table tbody").all_inner_texts())
+        assert "accuracy_jobs" in listed and "accuracy_cpu_seconds" in listed and "run-offline-2" in listed
+        assert page.evaluate("typeof jQuery !== 'undefined' && typeof jQuery.fn.bootstrapTable === 'function'")
+        jobs = site / report.metrics[0].report_page
+        page.goto(jobs.as_uri())
+        assert "accuracy_jobs" in page.content()
+        assert page.evaluate("getComputedStyle(document.body).fontFamily").startswith("-apple-system")  # bootstrap
+        page.screenshot(path=str(settings.home / "data-docs-offline.png"), full_page=False)
+        browser.close()
+    assert outside == [], outside
