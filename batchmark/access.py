@@ -60,6 +60,7 @@ TABLES: dict[str, dict[tuple[str, str], tuple[str, ...]]] = {
         ("stream", "results"): WRITE,
         ("stream", "late_events"): WRITE,
         ("stream", "checkpoints"): WRITE,
+        ("stream", "open_windows"): WRITE,
     },
     BATCH: {
         ("stream", "results"): READ,
@@ -80,6 +81,7 @@ TABLES: dict[str, dict[tuple[str, str], tuple[str, ...]]] = {
         ("quality", "alerts"): WRITE,
         ("quality", "alert_deliveries"): WRITE,
         ("quality", "alert_status"): READ,
+        ("stream", "open_windows"): READ,
     },
 }
 SEQUENCES: dict[str, tuple[tuple[str, str], ...]] = {

@@ -141,6 +141,16 @@ class PartitionState:
                     keys.append((i, k))
         return out, keys
 
+    def provisional(self, exclude: list[tuple[int, tuple[int, str]]] = ()) -> list[WindowResult]:
+        """The value so far of every open window (not in exclude): a snapshot, the windows stay open."""
+        skip = set(exclude)
+        return [
+            WindowResult(ms.metric.name, k[1], k[0], k[0] + ms.metric.window_ms, *ms.agg.result(state)[:1], n)
+            for i, ms in enumerate(self.metrics)
+            for k, (state, n, _) in ms.windows.items()
+            if (i, k) not in skip
+        ]
+
     def forget(self, keys: list[tuple[int, tuple[int, str]]]) -> None:
         """Drop windows whose results are stored."""
         for i, k in keys:

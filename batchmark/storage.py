@@ -193,6 +193,23 @@ CREATE TABLE IF NOT EXISTS quality.alert_deliveries (
     PRIMARY KEY (alert_id, channel)
 );
 
+-- The windows a worker holds open right now, with their provisional values: refreshed every few seconds in
+-- the checkpoint's transaction (replaced per partition; a window leaves when its final row is written to
+-- stream.results). What the live view shows; never used as a result.
+CREATE TABLE IF NOT EXISTS stream.open_windows (
+    topic         text             NOT NULL,
+    partition     integer          NOT NULL,
+    metric        text             NOT NULL,
+    group_key     text             NOT NULL,
+    window_start  timestamptz      NOT NULL,
+    window_end    timestamptz      NOT NULL,
+    value         double precision,
+    n_events      bigint           NOT NULL,
+    watermark_ms  bigint           NOT NULL,
+    updated_at    timestamptz      NOT NULL DEFAULT now(),
+    PRIMARY KEY (topic, partition, metric, group_key, window_start)
+);
+
 CREATE TABLE IF NOT EXISTS stream.checkpoints (
     topic         text        NOT NULL,
     partition     integer     NOT NULL,
@@ -482,6 +499,32 @@ def swap_truth_day(
         )
         cur.execute("DELETE FROM truth.staging WHERE run_id = %s", (run_id,))
     return rows
+
+
+def replace_open_windows(cur: Any, topic: str, partition: int, rows: Sequence[Any], watermark_ms: int) -> None:
+    """Replace a partition's rows of stream.open_windows with these provisional WindowResults."""
+    cur.execute("DELETE FROM stream.open_windows WHERE topic = %s AND partition = %s", (topic, partition))
+    if rows:
+        psycopg2.extras.execute_values(
+            cur,
+            """INSERT INTO stream.open_windows (topic, partition, metric, group_key, window_start, window_end, value,
+                   n_events, watermark_ms) VALUES %s""",
+            [
+                (
+                    topic,
+                    partition,
+                    r.metric,
+                    r.group_key,
+                    ms_to_datetime(r.window_start_ms),
+                    ms_to_datetime(r.window_end_ms),
+                    r.value,
+                    r.n_events,
+                    watermark_ms,
+                )
+                for r in rows
+            ],  # fmt: skip
+            page_size=5000,
+        )
 
 
 def clear_staging(url: str, run_id: str) -> None:

@@ -36,6 +36,7 @@ DLQ_RAW_LIMIT = 64 * 1024
 
 
 SEEK_GRACE_S = 10.0  # after a seek, how long to wait for the expected offset before accepting a gap
+LIVE_INTERVAL_S = 2.0  # the open windows' provisional values (stream.open_windows) are refreshed this often
 CLOSE_CHECKPOINT_GAP_S = 0.2  # a window that has closed is written this soon after the previous checkpoint
 
 
@@ -107,6 +108,7 @@ class StreamProcessor:
         self.partitions: dict[int, _Partition] = {}
         self.counters = Counters()
         self._last_checkpoint = time.monotonic()
+        self._last_live = 0.0
 
     # -- assignment -------------------------------------------------------------------------------------
     def assign(self, partition: int, committed: int | None = None, check_broker: bool = False) -> int | None:
@@ -247,6 +249,8 @@ class StreamProcessor:
         late: dict[int, list[tuple[str, int, int]]] = {}
         points: dict[int, tuple[int, int, int]] = {}
         closed: dict[int, list[tuple[int, tuple[int, str]]]] = {}
+        live = time.monotonic() - self._last_live >= LIVE_INTERVAL_S  # refresh the open windows' values too
+        provisional: dict[int, list[WindowResult]] = {}
         for p, rt in self.partitions.items():
             if not rt.dirty:
                 continue
@@ -254,6 +258,8 @@ class StreamProcessor:
             results.extend(rows)
             closed[p] = keys
             late[p] = rt.state.late_counts()
+            if live or keys:  # a closed window leaves the live rows in the same transaction as its result
+                provisional[p] = rt.state.provisional(exclude=keys)
             rt.lake.flush()  # the lake holds everything below next_offset before the checkpoint says so
             first_open = rt.state.first_open_offset(exclude=keys)
             resume = min(first_open, rt.next_offset) if first_open is not None else rt.next_offset
@@ -265,6 +271,10 @@ class StreamProcessor:
                     storage.add_late_events(cur, p, self.partitions[p].epoch, counts)
                 for p, (resume, nxt, wm) in points.items():
                     storage.write_checkpoint(cur, self.topic, p, resume, nxt, wm, self.partitions[p].epoch)
+                for p, rows in provisional.items():
+                    storage.replace_open_windows(cur, self.topic, p, rows, points[p][2])
+            if live:
+                self._last_live = time.monotonic()
             for p, (_, nxt, wm) in points.items():
                 rt = self.partitions[p]
                 rt.state.forget(closed[p])
