@@ -10,8 +10,9 @@ It makes the day a run checks visible wherever runs are listed:
 - ``RunNotes`` (a listener) writes "recomputes 2026-11-24" / "validates ..." into the run's note when the
   scheduler starts it (a note the person gave is kept after it).
 
-It also serves the validation reports (GX Data Docs) over HTTP at ``/batchmark/reports/`` on the API server,
-so an alert's link opens in a browser on any machine that reaches Airflow (not a file path on the scheduler).
+It also serves, to signed-in Airflow users only, the Accuracy view at ``/batchmark/accuracy`` (an entry of the
+UI's navigation) and the validation reports (GX Data Docs) at ``/batchmark/reports/``, so an alert's link opens
+in a browser on any machine that reaches Airflow (not a file path on the scheduler).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import logging
 import re
 from datetime import UTC, date, datetime
+from pathlib import Path
 from typing import Any
 
 from airflow.listeners import hookimpl
@@ -131,24 +133,102 @@ class DayRunIds:
         await self.app({**scope, "headers": headers}, replay, send)
 
 
-def reports_app() -> Any:
-    """A read-only app serving the Data Docs site of the GX project (settings.gx_root) as static files."""
-    from fastapi import FastAPI
-    from fastapi.staticfiles import StaticFiles
+async def signed_in(request: Any) -> Any:
+    """None when the request carries a valid Airflow JWT (the UI's ``_token`` cookie or a Bearer header);
+    otherwise the response to give: a browser goes to Airflow's login page (and comes back), others get 401."""
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.base_auth_manager import COOKIE_NAME_JWT_TOKEN
+    from airflow.api_fastapi.core_api.security import resolve_user_from_token
+    from fastapi import HTTPException
+    from fastapi.responses import JSONResponse, RedirectResponse
 
-    from batchmark import config
+    header = request.headers.get("authorization", "")
+    token = header[7:] if header.lower().startswith("bearer ") else request.cookies.get(COOKIE_NAME_JWT_TOKEN)
+    try:
+        await resolve_user_from_token(token)
+    except HTTPException as exc:
+        if "text/html" in request.headers.get("accept", ""):
+            return RedirectResponse(get_auth_manager().get_url_login(next_url=str(request.url)), status_code=303)
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+    return None
 
-    site = config.load().gx_root / "uncommitted" / "data_docs" / "local_site"
-    app = FastAPI(title="batchmark reports", docs_url=None, redoc_url=None, openapi_url=None)
-    app.mount("/reports", StaticFiles(directory=site, html=True, check_dir=False), name="reports")
+
+def _file(root: Path, path: str) -> Any:
+    """A file under root (a directory's index.html), or 404; nothing outside root."""
+    from fastapi.responses import FileResponse, JSONResponse
+
+    target = (root / (path or "index.html")).resolve()
+    if target.is_dir():
+        target = target / "index.html"
+    if not target.is_relative_to(root) or not target.is_file():
+        return JSONResponse({"detail": f"nothing at {path!r}"}, status_code=404)
+    return FileResponse(target)
+
+
+def batchmark_app() -> Any:
+    """batchmark's pages on the API server, each for signed-in Airflow users only (Airflow does not
+    authenticate a plugin's app by itself: every route checks the caller with Airflow's auth manager):
+    - /batchmark/accuracy: the Accuracy view (batchmark.accuracy_view), in the UI's navigation;
+    - /batchmark/live (and live.json, which it polls): the windows the stream holds open, refreshing;
+    - /batchmark/reports/...: the GX Data Docs site of the project (settings.gx_root), offline-ready;
+    - /batchmark/static/vendor/...: the vendored scripts and styles those pages load.
+    """
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+    from batchmark import accuracy_view, config
+    from batchmark.reports import VENDOR
+
+    site = (config.load().gx_root / "uncommitted" / "data_docs" / "local_site").resolve()
+    app = FastAPI(title="batchmark", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get("/reports/{path:path}")
+    async def report(path: str, request: Request) -> Response:
+        return await signed_in(request) or _file(site, path)
+
+    @app.get("/static/vendor/{path:path}")
+    async def vendor(path: str, request: Request) -> Response:
+        return await signed_in(request) or _file(VENDOR.resolve(), path)
+
+    @app.get("/accuracy")
+    async def accuracy(request: Request, day: str | None = None, days: int = 30) -> Response:
+        refused = await signed_in(request)
+        if refused:
+            return refused
+        from batchmark.definitions import load_definitions
+        from batchmark.errors import ConfigError
+        from batchmark.windows import parse_day
+
+        settings = config.load()
+        try:
+            focus = parse_day(day) if day else None
+            if not 1 <= days <= 400:
+                raise ConfigError(f"days must be between 1 and 400, not {days}")
+        except ConfigError as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=400)
+        defs = load_definitions(settings.definitions_path)
+        data = accuracy_view.load(settings.database_url, defs, settings.report_url, focus, days, settings.decision_days)
+        return HTMLResponse(accuracy_view.render(data, assets="static/vendor", page_url="accuracy"))
+
+    @app.get("/live")
+    async def live(request: Request) -> Response:
+        return await signed_in(request) or HTMLResponse(accuracy_view.render_live())
+
+    @app.get("/live.json")
+    async def live_json(request: Request) -> Response:
+        return await signed_in(request) or JSONResponse(accuracy_view.live_rows(config.load().database_url))
+
     return app
 
 
 class BatchmarkPlugin(AirflowPlugin):
-    """batchmark's timetable, run-naming middleware, run-note listener and validation reports."""
+    """batchmark's timetable, run-naming middleware, run-note listener, Accuracy view and validation reports."""
 
     name = "batchmark"
     listeners = [RunNotes()]
     timetables = [NightlyTimetable]
     fastapi_root_middlewares = [{"name": "batchmark_day_run_ids", "middleware": DayRunIds}]
-    fastapi_apps = [{"app": reports_app(), "url_prefix": "/batchmark", "name": "batchmark reports"}]
+    fastapi_apps = [{"app": batchmark_app(), "url_prefix": "/batchmark", "name": "batchmark"}]
+    external_views = [  # the Accuracy view in the UI's navigation (an iframe that runs its own scripts)
+        {"name": "Accuracy", "href": "/batchmark/accuracy", "url_route": "accuracy", "destination": "nav"}
+    ]

@@ -187,20 +187,24 @@ def compose(
             )
             + "."
         )
-        split = (
-            causes(int(row["late"]), int(row["lost"]), int(row["duplicate"])) or "no late, lost or duplicated events"
-        )
-        sketch = row.get("sketch_effect")
-        lines.append(
-            f"Causes: {split}; the sketch's own part {sketch or 0:.3g} (sum over windows of |stream - exact "
-            "value of what it saw|); "
-            f"{rejected} records rejected that day."
-        )
+        lines.append(f"Causes: {causes_text(row, rejected)}.")
     else:
         lines.append(f"Causes: {rejected} records rejected that day.")
     lines.append(f"Action: {suggest(settings, t, row, metric)}")
     lines.append(f"Report: {link}")
     return title, "\n".join(lines), link
+
+
+def causes_text(row: dict[str, Any], rejected: int, short: bool = False) -> str:
+    """The cause split of a metric's day: late / lost / duplicated events, the sketch's part, rejections."""
+    split = causes(int(row["late"]), int(row["lost"]), int(row["duplicate"])) or "no late, lost or duplicated events"
+    sketch = row.get("sketch_effect") or 0
+    if short:
+        return f"{split}; sketch {sketch:.3g}; {rejected} rejected"
+    return (
+        f"{split}; the sketch's own part {sketch:.3g} (sum over windows of |stream - exact value of what it "
+        f"saw|); {rejected} records rejected that day"
+    )
 
 
 def suggest(settings: Settings, t: drift.Transition, row: dict[str, Any] | None, metric: Metric | None) -> str:

@@ -203,6 +203,28 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from batchmark import accuracy_view
+    from batchmark.definitions import load_definitions
+    from batchmark.windows import parse_day
+
+    s = config.load()
+    day = parse_day(args.date) if args.date else None
+    if args.days < 1 or args.days > 400:
+        raise ConfigError(f"--days must be between 1 and 400, not {args.days}")
+    data = accuracy_view.load(
+        s.database_url, load_definitions(s.definitions_path), s.report_url, day, args.days, s.decision_days
+    )
+    if data.day is None:
+        raise ConfigError("no validation recorded yet: validate a day first (batchmark validate --date D)")
+    if day is not None and not any(r["day"] == day for rows in data.history.values() for r in rows):
+        raise ConfigError(f"{day} was not validated: run the recompute and the validation for it first")
+    out = Path(args.out)
+    out.write_text(accuracy_view.render(data, inline=True), encoding="utf-8")
+    print(f"wrote {out} ({out.stat().st_size // 1024} KiB, self-contained: opens with no network) for {data.day}")
+    return 0
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from batchmark import stack
 
@@ -315,6 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--date", required=True, help="YYYY-MM-DD")
     p.add_argument("--metric", action="append", help="validate only this metric (repeatable; default: all)")
     p.set_defaults(fn=cmd_validate)
+
+    p = sub.add_parser("report", help="write the Accuracy view of a day as one self-contained HTML file")
+    p.add_argument("--date", help="the day in focus, YYYY-MM-DD (default: the newest validated day)")
+    p.add_argument("--days", type=int, default=30, help="days of history in the charts (default 30)")
+    p.add_argument("-o", "--out", default="accuracy-report.html", help="the HTML file to write")
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser(
         "alerts",

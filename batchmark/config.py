@@ -102,6 +102,7 @@ class Settings:
     # The HTTP address of the validation reports (the Data Docs the Airflow plugin serves); alert links start here.
     report_url: str = "http://127.0.0.1:8080/batchmark/reports"
     alert_retry_seconds: float = 60.0  # the first retry of a failed delivery; doubles per attempt, at most 6 h
+    decision_days: int = 14  # the Accuracy view's "is the stream alone enough?" looks at this many days
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -151,4 +152,5 @@ def load() -> Settings:
         alert_channels=tuple(c.strip() for c in _env("BATCHMARK_ALERT_CHANNELS", "").split(",") if c.strip()),
         report_url=_env("BATCHMARK_REPORT_URL", "http://127.0.0.1:8080/batchmark/reports").rstrip("/"),
         alert_retry_seconds=float(_env("BATCHMARK_ALERT_RETRY_SECONDS", "60")),
+        decision_days=int(_env("BATCHMARK_DECISION_DAYS", "14")),
     )

@@ -22,6 +22,7 @@ from batchmark.errors import ConfigError, ServiceUnavailable
 NIGHTLY_CRON = "0 0 * * *"
 TRUTH_ASSET_URI = "batchmark://truth/results"
 ACCURACY_ASSET_URI = "batchmark://quality/accuracy_history"
+ACCURACY_VIEW = "/batchmark/accuracy"  # the plugin's Accuracy view (batchmark.airflow_plugin)
 DAY_DAGS = ("nightly_recompute", "validate_accuracy")  # every DAG of the product; each checks a day
 OWNER = "batchmark"
 
@@ -58,8 +59,10 @@ def run_note(dag_id: str, days: Iterable[date]) -> str:
     listed = sorted(set(days))
     if not listed:
         return "checks: no day given"
-    what = "recomputes" if dag_id == "nightly_recompute" else "validates"
-    return f"{what} {', '.join(d.isoformat() for d in listed)}"
+    if dag_id == "nightly_recompute":
+        return f"recomputes {', '.join(d.isoformat() for d in listed)}"
+    links = ", ".join(f"[{d.isoformat()}]({ACCURACY_VIEW}?day={d.isoformat()})" for d in listed)
+    return f"validates {', '.join(d.isoformat() for d in listed)} · accuracy report: {links}"  # notes are Markdown
 
 
 def truth_asset() -> Any:

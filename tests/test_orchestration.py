@@ -120,7 +120,8 @@ def test_days_from_asset_events_sorted_once() -> None:
     events = [{"day": "2026-03-03"}, {"day": "2026-03-02"}, {}, None, {"day": "2026-03-03"}]
     assert orchestration.days_from_asset_events(events) == [date(2026, 3, 2), date(2026, 3, 3)]
     assert orchestration.run_note("validate_accuracy", [date(2026, 3, 3), date(2026, 3, 2)]) == (
-        "validates 2026-03-02, 2026-03-03"
+        "validates 2026-03-02, 2026-03-03 · accuracy report: [2026-03-02](/batchmark/accuracy?day=2026-03-02), "
+        "[2026-03-03](/batchmark/accuracy?day=2026-03-03)"
     )
     assert orchestration.run_note("nightly_recompute", [date(2026, 3, 2)]) == "recomputes 2026-03-02"
 

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import httpx
 import psutil
@@ -358,10 +359,59 @@ def test_the_report_an_alert_links_to_is_served_by_the_api_server(stack: dict[st
         )
         (page,) = cur.fetchone()
     link = f"{stack['base']}/batchmark/reports/{page}"
-    response = httpx.get(link, timeout=10)
+    viewer = api.login("viewer")  # the read-only role may read reports
+    response = httpx.get(link, headers=viewer, timeout=10)
     assert response.status_code == 200 and "accuracy_jobs" in response.text, link
-    assert httpx.get(f"{stack['base']}/batchmark/reports/index.html", timeout=10).status_code == 200
-    assert httpx.get(f"{stack['base']}/batchmark/reports/%2e%2e/%2e%2e/pyproject.toml", timeout=10).status_code == 404
+    assert httpx.get(f"{stack['base']}/batchmark/reports/", headers=viewer, timeout=10).status_code == 200
+    outside = f"{stack['base']}/batchmark/reports/%2e%2e/%2e%2e/pyproject.toml"
+    assert httpx.get(outside, headers=viewer, timeout=10).status_code == 404
+    # not signed in: a browser is sent to Airflow's login page (and back afterwards), anything else refused
+    as_browser = httpx.get(link, headers={"Accept": "text/html"}, timeout=10)
+    assert as_browser.status_code == 303
+    assert as_browser.headers["location"].startswith("/auth/login?next=") and page in unquote(
+        as_browser.headers["location"]
+    )
+    assert httpx.get(link, timeout=10).status_code == 401
+    assert httpx.get(link, headers={"Authorization": "Bearer forged"}, timeout=10).status_code in (401, 403)
+
+
+def test_an_alert_link_opens_the_report_in_a_browser_after_signing_in(stack: dict[str, Any], browser: Any) -> None:
+    """A person clicks an alert's link with no Airflow session: the login page, then the report itself, all
+    from 127.0.0.1 (the Data Docs load vendored assets only)."""
+    api: Api = stack["api"]
+    api.wait_for_runs("validate_accuracy", lambda r: UI_DAY.isoformat() in (r["note"] or ""), 1, 300)
+    with storage.transaction(stack["database_url"]) as cur:
+        cur.execute(
+            """SELECT report_page FROM quality.accuracy_history WHERE day = %s AND metric = 'cpu_seconds'
+               ORDER BY created_at DESC LIMIT 1""",
+            (UI_DAY,),
+        )
+        (page_path,) = cur.fetchone()
+    link = f"{stack['base']}/batchmark/reports/{page_path}"
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    page = context.new_page()
+    outside: list[str] = []
+
+    def _route(route: Any) -> None:
+        if route.request.url.startswith(("http://127.0.0.1:", "data:", "blob:")):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", _route)
+    try:
+        page.goto(link)
+        page.locator("input[name=username]").fill("viewer")
+        page.locator("input[name=password]").fill(stack["passwords"]["viewer"])
+        page.get_by_role("button", name="Sign in").click()
+        page.wait_for_url(link, timeout=30_000)
+        page.get_by_text("accuracy_cpu_seconds").first.wait_for(timeout=15_000)
+        assert page.evaluate("typeof jQuery === 'function'")  # the vendored scripts ran
+        page.screenshot(path=str(ARTIFACTS / "alert-link-report.png"))
+    finally:
+        context.close()
+    assert outside == [], f"the report tried to leave the machine: {outside}"
 
 
 def test_a_date_that_is_not_a_day_is_refused_before_a_run(stack: dict[str, Any]) -> None:
@@ -467,6 +517,79 @@ def test_backfill_over_three_days_validates_three_days_in_order(stack: dict[str,
         f"\nbackfill of 3 days: nightly runs done and all 3 days validated {time.monotonic() - t0:.0f}s after "
         f"the request (nightly runs alone {backfill_s:.0f}s)"
     )
+
+
+def test_the_accuracy_view_in_the_ui_draws_the_validated_days(stack: dict[str, Any], browser: Any) -> None:
+    """Signed in as viewer: the UI's Accuracy entry (the plugin's external view) shows every metric of the
+    newest validated day, and its charts hold the days validated so far, value for value."""
+    api: Api = stack["api"]
+    api.wait_for_runs("validate_accuracy", lambda r: UI_DAY.isoformat() in (r["note"] or ""), 1, 300)
+    views = [v for p in api.get("/api/v2/plugins")["plugins"] for v in p["external_views"]]
+    assert {"name": "Accuracy", "href": "/batchmark/accuracy", "url_route": "accuracy"}.items() <= next(
+        v for v in views if v["name"] == "Accuracy"
+    ).items()
+    for path in ("/batchmark/accuracy", "/batchmark/static/vendor/vega6/vega.min.js"):
+        assert httpx.get(stack["base"] + path, timeout=10).status_code == 401, path
+    assert httpx.get(stack["base"] + "/batchmark/accuracy", headers=api.login("viewer"), timeout=10).status_code == 200
+    with storage.transaction(stack["database_url"]) as cur:
+        cur.execute(
+            """SELECT DISTINCT ON (day) day, mean_error FROM quality.accuracy_history WHERE metric = 'cpu_seconds'
+               ORDER BY day, created_at DESC"""
+        )
+        validated = {d.isoformat(): e for d, e in cur.fetchall()}
+    with _page(browser, stack, "viewer") as page:
+        page.goto(stack["base"] + "/plugin/accuracy")
+        frame = page.frame_locator("iframe").first
+        frame.locator("#overview tbody tr").first.wait_for(timeout=30_000)
+        inner = next(f for f in page.frames if f.url.endswith("/batchmark/accuracy"))
+        inner.evaluate("window.bmReady")
+        rows = inner.evaluate("Array.from(document.querySelectorAll('#overview tbody tr')).map(r => r.dataset.metric)")
+        points = inner.evaluate(
+            "Array.from(document.querySelectorAll('#chart-error-cpu_seconds [aria-roledescription=point]'))"
+            ".map(e => e.getAttribute('aria-label')).filter(l => l.includes('mean error'))"
+        )
+        page.screenshot(path=str(ARTIFACTS / "accuracy-view.png"), full_page=True)
+    assert sorted(rows) == sorted(m.name for m in load_definitions(REPO_ROOT / "batchmark" / "metrics.toml").metrics)
+    drawn = {dict(x.split(": ", 1) for x in label.split("; "))["day"] for label in points}
+    assert drawn == set(validated) and len(drawn) >= 1
+
+
+def test_the_live_view_follows_a_replay_as_it_happens(stack: dict[str, Any], browser: Any) -> None:
+    """The stack's worker folds a day being replayed; the live page, left open, shows its open windows'
+    values grow without a reload. Without a session the page and its JSON are refused."""
+    import threading
+
+    for path in ("/batchmark/live", "/batchmark/live.json"):
+        assert httpx.get(stack["base"] + path, timeout=10).status_code == 401, path
+    day = date(2026, 3, 6)
+    data = stack["home"] / "data" / f"{day}.jsonl"
+    generate(GeneratorConfig(day=day, events=30_000, partitions=2, seed=6), data)
+    defs = load_definitions(REPO_ROOT / "batchmark" / "metrics.toml")
+    sender = threading.Thread(
+        target=replay,
+        args=(data, f"127.0.0.1:{stack['broker_port']}", "events", defs),
+        kwargs={"progress": False, "rate": 2500, "end_watermark": False},
+    )
+    totals: list[int] = []
+    with _page(browser, stack, "viewer") as page:
+        page.goto(stack["base"] + "/batchmark/live")
+        page.wait_for_function("window.bmLive && window.bmLive.polls >= 1", timeout=20_000)
+        page.evaluate("window.stillTheSamePage = true")
+        sender.start()
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and len({t for t in totals if t > 0}) < 3:
+            totals.append(
+                page.evaluate(
+                    "(window.bmLive.windows || []).filter(w => w.window_start.startsWith('2026-03-06'))"
+                    ".filter(w => w.metric === 'jobs').reduce((a, w) => a + w.events, 0)"
+                )
+            )
+            time.sleep(1)
+        same = page.evaluate("window.stillTheSamePage === true")
+        page.screenshot(path=str(ARTIFACTS / "live-view.png"))
+    sender.join(60)
+    assert same  # the page refreshed its table itself
+    assert len({t for t in totals if t > 0}) >= 3, totals  # the open windows' counts moved while we watched
 
 
 def test_viewer_cannot_trigger(stack: dict[str, Any], browser: Any) -> None:
