@@ -27,6 +27,7 @@ from batchmark.errors import ConfigError
 from batchmark.validation import causes, describe
 
 MAX_BACKOFF_S = 6 * 3600
+LEASE_S = 300  # a claimed delivery that was neither delivered nor failed after this is tried again
 SKETCH_KINDS = ("distinct", "quantile", "topk")
 TITLE_PREFIX = "[batchmark]"
 
@@ -97,62 +98,93 @@ def _dataset_days(by_metric: dict[str, list[dict[str, Any]]], rejected: dict[dat
 
 
 def evaluate_day(settings: Settings, defs: Definitions, day: date) -> list[Alert]:
-    """Record the alerts of one validated day (its state changes) and queue them for every channel; returns
-    the alerts recorded now (none when the day was evaluated before)."""
+    """Record the alerts of one validated day and queue them for every channel; returns the alerts recorded.
+
+    Each check's level on the day (batchmark.drift on the history up to it) is compared with the state the
+    recorded alerts left it in: a difference is an alert. So evaluating a day again records nothing, and a day
+    validated again with other figures (the stream caught up) records the change. Only the newest validated
+    day of a metric is judged: an older day validated again is history, not the present. One evaluation at a
+    time (a transaction-level advisory lock).
+    """
     url = settings.database_url
     storage.ensure_database(url)
     by_metric, rejected = history(url, day)
     s = defs.alerts
-    found: list[tuple[drift.Transition, dict[str, Any] | None, Metric | None]] = []
-    for m in defs.metrics:
-        rows = by_metric.get(m.name, [])
-        if not rows or rows[-1]["day"] != day:
-            continue  # not validated that day (or not this metric): nothing to judge
-        for t in drift.day_transitions(m.name, drift.as_days(rows), day, s):
-            found.append((t, rows[-1], m))
-    ds_days = _dataset_days(by_metric, rejected)
-    if ds_days and ds_days[-1].day == day:
-        for t in drift.day_transitions(drift.DATASET, ds_days, day, s, dataset=True):
-            found.append((t, None, None))
-    recorded = (_record(settings, t, row, m, rejected.get(day, 0), s.suppress_days) for t, row, m in found)
-    return [a for a in recorded if a is not None]
+    with storage.transaction(url) as cur:
+        cur.execute("SELECT pg_advisory_xact_lock(4243)")
+        cur.execute("SELECT metric, max(day) FROM quality.accuracy_history GROUP BY metric")
+        newest = dict(cur.fetchall())
+        cur.execute(  # the state each (metric, check) was left in, and its newest alert that was sent
+            """SELECT DISTINCT ON (metric, check_name) metric, check_name, state_after
+               FROM quality.alerts ORDER BY metric, check_name, day DESC, id DESC"""
+        )
+        state = {(m, c): st for m, c, st in cur.fetchall()}
+        found: list[tuple[drift.Transition, dict[str, Any] | None, Metric | None]] = []
+        for m in defs.metrics:
+            rows = by_metric.get(m.name, [])
+            if not rows or rows[-1]["day"] != day or newest.get(m.name, day) > day:
+                continue  # not validated that day, or a later day is the present
+            for v in drift.evaluate(drift.as_days(rows), s):
+                before = state.get((m.name, v.check), drift.OK)
+                if v.level is not None and v.level != before:
+                    found.append((drift.Transition(m.name, day, v, before, v.level), rows[-1], m))
+        ds_days = _dataset_days(by_metric, rejected)
+        if ds_days and ds_days[-1].day == day and max(newest.values(), default=day) <= day:
+            for v in drift.evaluate_dataset(ds_days, s):
+                before = state.get((drift.DATASET, v.check), drift.OK)
+                if v.level is not None and v.level != before:
+                    found.append((drift.Transition(drift.DATASET, day, v, before, v.level), None, None))
+        return [_record(cur, settings, t, row, m, rejected.get(day, 0), s.suppress_days) for t, row, m in found]
 
 
 def _record(  # noqa: PLR0913
+    cur: Any,
     settings: Settings,
     t: drift.Transition,
     row: dict[str, Any] | None,
     metric: Metric | None,
     rejected: int,
     suppress_days: int,
-) -> Alert | None:
-    """Insert one transition as an alert (unless recorded before) with a pending delivery per channel."""
+) -> Alert:
+    """Insert one transition as an alert, with a pending delivery per channel.
+
+    Flapping: a state equal to the newest alert already sent for the (metric, check) is recorded but not sent
+    (people's last message already says it), and a recovery less than suppress_days after that alert waits
+    out the rest of the interval before it is sent -- if the state changes again meanwhile, it is superseded
+    and never sent. So a flapping check sends at most one message per interval, and the last message people
+    got always says the current state.
+    """
     title, message, link = compose(settings, t, row, metric, rejected)
     v = t.verdict
-    with storage.transaction(settings.database_url) as cur:
-        cur.execute(
-            """SELECT 1 FROM quality.alerts WHERE metric = %s AND check_name = %s AND state_after = %s
-                   AND day < %s AND day >= %s LIMIT 1""",
-            (t.metric, v.check, t.after, t.day, t.day - timedelta(days=suppress_days)),
-        )
-        suppressed = cur.fetchone() is not None
-        cur.execute(
-            """INSERT INTO quality.alerts (day, metric, check_name, severity, state_before, state_after, observed,
-                   baseline, threshold, title, message, report_url, suppressed)
-               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-               ON CONFLICT (metric, check_name, day, state_after) DO NOTHING RETURNING id""",
-            (t.day, t.metric, v.check, t.severity, t.before, t.after, _num(v.observed), _num(v.baseline),
-             _num(v.threshold), title, message, link, suppressed),
-        )  # fmt: skip
-        got = cur.fetchone()
-        if got is None:
-            return None
-        if not suppressed:
-            for channel in settings.alert_channels:
-                cur.execute(
-                    "INSERT INTO quality.alert_deliveries (alert_id, channel) VALUES (%s, %s)", (got[0], channel)
-                )
-    return Alert(got[0], t.day, t.metric, v.check, t.severity, title, message, link, suppressed)
+    cur.execute(  # the newest alert announced (not suppressed, not a recovery still on hold)
+        """SELECT a.day, a.state_after FROM quality.alerts a
+           WHERE a.metric = %s AND a.check_name = %s AND NOT a.suppressed
+             AND (a.hold_until IS NULL OR a.hold_until < %s)
+           ORDER BY a.day DESC, a.id DESC LIMIT 1""",
+        (t.metric, v.check, t.day),
+    )
+    announced = cur.fetchone()
+    suppressed = announced is not None and announced[1] == t.after
+    hold_days, hold_until = 0, None
+    if t.after == drift.OK and announced is not None and (t.day - announced[0]).days < suppress_days:
+        hold_until = announced[0] + timedelta(days=suppress_days)
+        hold_days = (hold_until - t.day).days
+    cur.execute(
+        """INSERT INTO quality.alerts (day, metric, check_name, severity, state_before, state_after, observed,
+               baseline, threshold, title, message, report_url, suppressed, hold_until)
+           VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id""",
+        (t.day, t.metric, v.check, t.severity, t.before, t.after, _num(v.observed), _num(v.baseline),
+         _num(v.threshold), title, message, link, suppressed, hold_until),
+    )  # fmt: skip
+    alert_id = cur.fetchone()[0]
+    if not suppressed:
+        for channel in settings.alert_channels:
+            cur.execute(
+                """INSERT INTO quality.alert_deliveries (alert_id, channel, next_attempt_at)
+                   VALUES (%s, %s, now() + %s * interval '1 day')""",
+                (alert_id, channel, hold_days),
+            )
+    return Alert(alert_id, t.day, t.metric, v.check, t.severity, title, message, link, suppressed)
 
 
 def _num(x: float | None) -> float | None:
@@ -210,6 +242,17 @@ def causes_text(row: dict[str, Any], rejected: int, short: bool = False) -> str:
 def suggest(settings: Settings, t: drift.Transition, row: dict[str, Any] | None, metric: Metric | None) -> str:
     """The action the alert suggests, from the check and the largest cause."""
     check = t.verdict.check
+    if (
+        t.after == drift.OK
+        and check in ("error_trend", "error_drift")
+        or t.after == drift.OK
+        and check.endswith("_rise")
+    ):
+        return (
+            "look at the level before you relax: this check compares the metric with its own recent past, so a "
+            "change that lasts becomes the new baseline and the check goes quiet (the figures above say where "
+            "the error is now; the tolerance check still guards the absolute level)."
+        )
     if t.after == drift.OK:
         return "none: the check is back within its limits."
     if check == "rejected_rise":
@@ -298,38 +341,62 @@ def _apprise_notifier() -> type:
 
 
 def deliver_pending(settings: Settings, retry_base_s: float | None = None) -> Deliveries:
-    """Send every pending delivery that is due; failures stay pending with exponential backoff."""
+    """Send every pending delivery that is due; failures stay pending with exponential backoff.
+
+    Each delivery is claimed (status 'sending', a lease of LEASE_S) and marked in its own transaction, so a
+    failure elsewhere never re-sends what was delivered; a worker that dies mid-send leaves the lease to
+    expire and the delivery is tried again (at least once). A delivery whose state is no longer the
+    (metric, check)'s state when it could go out (it changed again meanwhile) is 'superseded' and not sent.
+    """
     base = settings.alert_retry_seconds if retry_base_s is None else retry_base_s
     done = Deliveries()
     url = settings.database_url
     storage.ensure_database(url)
-    with storage.transaction(url) as cur:
-        cur.execute(
-            """SELECT d.alert_id, d.channel, d.attempts, a.title, a.message, a.severity
-               FROM quality.alert_deliveries d JOIN quality.alerts a ON a.id = d.alert_id
-               WHERE d.status = 'pending' AND d.next_attempt_at <= now()
-               ORDER BY a.id, d.channel FOR UPDATE OF d SKIP LOCKED"""
-        )
-        for alert_id, channel, attempts, title, message, severity in cur.fetchall():
-            try:
-                notifier(channel, title, message, severity).notify({})
-            except Exception as exc:  # noqa: BLE001 -- any channel failure: stays pending, retried later
-                error = f"{type(exc).__name__}: {exc}"[:500]
-                wait = min(base * 2**attempts, MAX_BACKOFF_S)
+    while True:
+        with storage.transaction(url) as cur:
+            cur.execute(
+                """SELECT d.alert_id, d.channel, d.attempts, a.title, a.message, a.severity,
+                          a.state_after IS DISTINCT FROM (  -- the (metric, check)'s state now: its newest alert
+                              SELECT n.state_after FROM quality.alerts n WHERE n.metric = a.metric
+                              AND n.check_name = a.check_name ORDER BY n.day DESC, n.id DESC LIMIT 1)
+                   FROM quality.alert_deliveries d JOIN quality.alerts a ON a.id = d.alert_id
+                   WHERE (d.status = 'pending' AND d.next_attempt_at <= now())
+                      OR (d.status = 'sending' AND d.next_attempt_at <= now())
+                   ORDER BY a.id, d.channel LIMIT 1 FOR UPDATE OF d SKIP LOCKED"""
+            )
+            claimed = cur.fetchone()
+            if claimed is None:
+                return done
+            alert_id, channel, attempts, title, message, severity, superseded = claimed
+            status = "superseded" if superseded else "sending"
+            cur.execute(
+                """UPDATE quality.alert_deliveries SET status = %s, next_attempt_at = now() + %s * interval '1 second'
+                   WHERE alert_id = %s AND channel = %s""",
+                (status, LEASE_S, alert_id, channel),
+            )
+        if superseded:
+            continue
+        try:
+            notifier(channel, title, message, severity).notify({})
+        except Exception as exc:  # noqa: BLE001 -- any channel failure: stays pending, retried later
+            error = f"{type(exc).__name__}: {exc}"[:500]
+            wait = min(base * 2**attempts, MAX_BACKOFF_S)
+            with storage.transaction(url) as cur:
                 cur.execute(
-                    """UPDATE quality.alert_deliveries SET attempts = attempts + 1, last_error = %s,
-                           next_attempt_at = now() + %s * interval '1 second' WHERE alert_id = %s AND channel = %s""",
+                    """UPDATE quality.alert_deliveries SET status = 'pending', attempts = attempts + 1,
+                           last_error = %s, next_attempt_at = now() + %s * interval '1 second'
+                       WHERE alert_id = %s AND channel = %s""",
                     (error, wait, alert_id, channel),
                 )
-                done.failed.append((alert_id, channel, error))
-            else:
+            done.failed.append((alert_id, channel, error))
+        else:
+            with storage.transaction(url) as cur:
                 cur.execute(
-                    """UPDATE quality.alert_deliveries SET attempts = attempts + 1, status = 'delivered',
+                    """UPDATE quality.alert_deliveries SET status = 'delivered', attempts = attempts + 1,
                            delivered_at = now(), last_error = NULL WHERE alert_id = %s AND channel = %s""",
                     (alert_id, channel),
                 )
-                done.delivered.append((alert_id, channel))
-    return done
+            done.delivered.append((alert_id, channel))
 
 
 def recent(url: str, days: int = 30, today: date | None = None) -> list[dict[str, Any]]:

@@ -362,6 +362,9 @@ def _alerts(raw: dict[str, Any], path: Path) -> DriftSettings:
         if value < 0:
             raise ConfigError(f"{path}: [alerts] {key} must not be negative (got {value})")
         values[key] = want(value)
+    for key in ("trailing_days", "min_history", "z_threshold", "cusum_h"):
+        if key in values and values[key] <= 0:
+            raise ConfigError(f"{path}: [alerts] {key} must be above 0 (got {values[key]})")
     if values.get("trailing_days", defaults.trailing_days) < values.get("min_history", defaults.min_history):
         raise ConfigError(f"{path}: [alerts] trailing_days must be at least min_history")
     return DriftSettings(**values)

@@ -111,12 +111,14 @@ DATASET_CHECKS = ("rejected_rise",)
 SEVERITY = {"tolerance": ERROR, "completeness": ERROR} | {c: WARNING for c in CHECKS[2:] + DATASET_CHECKS}
 
 
-def robust_z(x: float, history: Sequence[float], min_effect: float) -> tuple[float, float, float]:
+def robust_z(
+    x: float, history: Sequence[float], min_effect: float, threshold: float = 3.5
+) -> tuple[float, float, float]:
     """(z, median, effect) of x against history: the modified z-score, its scale floored so that a change
-    of min_effect scores exactly the threshold of 3.5 on a history with no spread (a constant baseline)."""
+    of min_effect scores exactly the threshold on a history with no spread (a constant baseline)."""
     med = statistics.median(history)
     mad = statistics.median(abs(h - med) for h in history)
-    scale = max(MAD_SCALE * mad, min_effect / 3.5, 1e-300)
+    scale = max(MAD_SCALE * mad, min_effect / threshold, 1e-300)
     return (x - med) / scale, med, x - med
 
 
@@ -126,7 +128,7 @@ def _rise(check: str, today: float, past: Sequence[float], s: DriftSettings, min
         return Verdict(check, None, today, detail=f"{len(past)} of {s.min_history} days of history: not judged")
     base = statistics.median(past)
     min_effect = max(min_abs, s.min_rel * abs(base))
-    z, base, effect = robust_z(today, past, min_effect)
+    z, base, effect = robust_z(today, past, min_effect, s.z_threshold)
     fires = z > s.z_threshold and effect >= min_effect
     return Verdict(
         check,

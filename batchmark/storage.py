@@ -179,13 +179,18 @@ CREATE TABLE IF NOT EXISTS quality.alerts (
     message       text        NOT NULL,
     report_url    text,
     suppressed    boolean     NOT NULL DEFAULT false,
-    created_at    timestamptz NOT NULL DEFAULT now(),
-    UNIQUE (metric, check_name, day, state_after)
+    created_at    timestamptz NOT NULL DEFAULT now()
 );
+-- a state that changes back and forth on one re-validated day is recorded each time (state, not day, is the key)
+ALTER TABLE quality.alerts DROP CONSTRAINT IF EXISTS alerts_metric_check_name_day_state_after_key;
+-- a recovery soon after the alert it ends is held until this day: if the state changes back meanwhile, the
+-- recovery is superseded and the repeated alert is not announced again (flapping)
+ALTER TABLE quality.alerts ADD COLUMN IF NOT EXISTS hold_until date;
+CREATE INDEX IF NOT EXISTS alerts_metric_check ON quality.alerts (metric, check_name, day, id);
 CREATE TABLE IF NOT EXISTS quality.alert_deliveries (
     alert_id        bigint      NOT NULL REFERENCES quality.alerts (id) ON DELETE CASCADE,
     channel         text        NOT NULL,
-    status          text        NOT NULL DEFAULT 'pending',   -- pending, delivered
+    status          text        NOT NULL DEFAULT 'pending',   -- pending, sending, delivered, superseded
     attempts        integer     NOT NULL DEFAULT 0,
     next_attempt_at timestamptz NOT NULL DEFAULT now(),
     last_error      text,
@@ -242,6 +247,7 @@ SELECT a.id, a.day, a.metric, a.check_name, a.severity, a.observed, a.baseline, 
        CASE WHEN a.suppressed THEN 'suppressed'
             WHEN count(d.channel) = 0 THEN 'no channel'
             WHEN bool_and(d.status = 'delivered') THEN 'delivered'
+            WHEN bool_and(d.status IN ('delivered', 'superseded')) THEN 'superseded'
             ELSE 'pending' END AS delivery_status,
        max(d.last_error) FILTER (WHERE d.status <> 'delivered') AS last_error
 FROM quality.alerts a LEFT JOIN quality.alert_deliveries d ON d.alert_id = a.id
@@ -349,9 +355,10 @@ def init_schema(url: str) -> None:
     except psycopg2.errors.InsufficientPrivilege as exc:
         with transaction(url) as cur:
             cur.execute(  # ask the catalog, readable by every role (to_regclass needs USAGE on the schema)
-                "SELECT count(*) = 2 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n"
+                "SELECT count(*) = 4 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n"
                 " ON n.oid = c.relnamespace"
-                " WHERE (n.nspname, c.relname) IN (('stream', 'checkpoints'), ('quality', 'task_failures'))"
+                " WHERE (n.nspname, c.relname) IN (('stream', 'checkpoints'), ('quality', 'task_failures'),"
+                " ('stream', 'open_windows'), ('quality', 'alerts'))"  # the newest tables: the schema is current
             )
             ready = cur.fetchone()[0]
         if not ready:
@@ -508,7 +515,10 @@ def replace_open_windows(cur: Any, topic: str, partition: int, rows: Sequence[An
         psycopg2.extras.execute_values(
             cur,
             """INSERT INTO stream.open_windows (topic, partition, metric, group_key, window_start, window_end, value,
-                   n_events, watermark_ms) VALUES %s""",
+                   n_events, watermark_ms) VALUES %s
+               ON CONFLICT (topic, partition, metric, group_key, window_start) DO UPDATE SET
+                   value = EXCLUDED.value, n_events = EXCLUDED.n_events, watermark_ms = EXCLUDED.watermark_ms,
+                   updated_at = now()""",
             [
                 (
                     topic,
@@ -524,6 +534,23 @@ def replace_open_windows(cur: Any, topic: str, partition: int, rows: Sequence[An
                 for r in rows
             ],  # fmt: skip
             page_size=5000,
+        )
+
+
+def drop_open_windows(cur: Any, topic: str, partition: int, closed: Sequence[Any]) -> None:
+    """Remove closed windows (WindowResults whose final rows are being written) from stream.open_windows."""
+    if closed:
+        cur.execute(
+            """DELETE FROM stream.open_windows WHERE topic = %s AND partition = %s
+                 AND (metric, group_key, window_start) IN (SELECT * FROM unnest(%s::text[], %s::text[],
+                                                                               %s::timestamptz[]))""",
+            (
+                topic,
+                partition,
+                [r.metric for r in closed],
+                [r.group_key for r in closed],
+                [ms_to_datetime(r.window_start_ms) for r in closed],
+            ),
         )
 
 

@@ -33,27 +33,48 @@ def receivers(pg_url: str, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
     mailbox.stop()
 
 
+PLANNED: dict[int, tuple] = {}  # day index -> its accuracy_history row, inserted when the day is "validated"
+
+
 def _history(url: str, errors: list[float], late: list[int] | None = None, incomplete: list[int] | None = None) -> None:
-    """One validated day per error, from START (the newest validation of a day is the one that counts)."""
-    with storage.transaction(url) as cur:
-        for i, e in enumerate(errors):
-            cur.execute(
-                """INSERT INTO quality.accuracy_history (run_id, day, metric, success, windows, missing,
-                       over_tolerance, max_error, mean_error, tolerance, kind, late_events, duplicate_events,
-                       lost_events, incomplete, impossible, within_tolerance, truth_events, sketch_effect,
-                       report_page)
-                   VALUES (%s, %s, %s, %s, 24, 0, %s, %s, %s, 0.0487, 'distinct', %s, 0, 0, %s, 0, %s, 100000,
-                           %s, %s)""",
-                (f"run-{i}", START + timedelta(days=i), METRIC, e <= 0.0487 and not (incomplete or [0] * 99)[i],
-                 int(e > 0.0487), e * 2, e, (late or [500] * 99)[i], (incomplete or [0] * 99)[i], e <= 0.0487,
-                 e * 24, f"validations/accuracy_{METRIC}/run-{i}/x.html"),
-            )  # fmt: skip
+    """Plan one validated day per error, from START; _validated(i) records day i (as a nightly validation would,
+    one day after the other)."""
+    PLANNED.clear()
+    for i, e in enumerate(errors):
+        PLANNED[i] = (
+            f"run-{i}", START + timedelta(days=i), METRIC, e <= 0.0487 and not (incomplete or [0] * 99)[i],
+            int(e > 0.0487), e * 2, e, (late or [500] * 99)[i], (incomplete or [0] * 99)[i], e <= 0.0487,
+            e * 24, f"validations/accuracy_{METRIC}/run-{i}/x.html",
+        )  # fmt: skip
 
 
-def _evaluate(days: range) -> list[alerts.Alert]:
+def _validated(i: int) -> None:
+    row = PLANNED.pop(i, None)
+    if row is None:
+        return
+    with storage.transaction(config.load().database_url) as cur:
+        cur.execute(
+            """INSERT INTO quality.accuracy_history (run_id, day, metric, success, windows, missing,
+                   over_tolerance, max_error, mean_error, tolerance, kind, late_events, duplicate_events,
+                   lost_events, incomplete, impossible, within_tolerance, truth_events, sketch_effect,
+                   report_page)
+               VALUES (%s, %s, %s, %s, 24, 0, %s, %s, %s, 0.0487, 'distinct', %s, 0, 0, %s, 0, %s, 100000,
+                       %s, %s)""",
+            row,
+        )
+
+
+def _evaluate(days: range, deliver: bool = False) -> list[alerts.Alert]:
+    """Validate (record) and evaluate each day in turn; with deliver, send after each day as the DAG does."""
     settings = config.load()
     defs = load_definitions(settings.definitions_path)
-    return [a for i in days for a in alerts.evaluate_day(settings, defs, START + timedelta(days=i))]
+    out = []
+    for i in days:
+        _validated(i)
+        out += alerts.evaluate_day(settings, defs, START + timedelta(days=i))
+        if deliver:
+            alerts.deliver_pending(settings)
+    return out
 
 
 def test_a_step_reaches_webhook_and_email_once_with_what_to_do(pg_url: str, receivers) -> None:
@@ -126,27 +147,66 @@ def test_a_channel_that_is_down_keeps_the_alert_pending_until_it_is_back(pg_url:
     assert row["delivery_status"] == "delivered"
 
 
-def test_recovery_alerts_once_and_flapping_is_suppressed(pg_url: str, receivers) -> None:
+def _pass_time(url: str) -> None:
+    """As if the held deliveries' time had come (a day later)."""
+    with storage.transaction(url) as cur:
+        cur.execute("UPDATE quality.alert_deliveries SET next_attempt_at = now() - interval '1 second'")
+
+
+def test_flapping_sends_one_message_and_the_last_one_says_the_current_state(pg_url: str, receivers) -> None:
     hook, _ = receivers
-    # over tolerance on day 7, fine on 8, over again on 9 (within suppress_days = 2 of day 7's alert)
+    # over tolerance on day 7, fine on 8, over again on 9: within suppress_days = 2 of day 7's alert
     _history(pg_url, [0.01] * 7 + [0.06, 0.01, 0.06])
 
-    recorded = _evaluate(range(10))
+    recorded = _evaluate(range(10), deliver=True)
+    _pass_time(pg_url)
     alerts.deliver_pending(config.load())
 
-    got = [((a.day - START).days, a.check, a.severity, a.suppressed) for a in recorded if a.check == "tolerance"]
-    assert got == [
-        (7, "tolerance", "error", False),
-        (8, "tolerance", "recovered", False),
-        (9, "tolerance", "error", True),
-    ]
-    tolerance_titles = [b["title"] for b in hook.bodies if "tolerance on" in b["title"]]
-    assert tolerance_titles == [
-        f"[batchmark] ERROR: {METRIC} tolerance on 2026-09-08",
-        f"[batchmark] RECOVERED: {METRIC} tolerance on 2026-09-09",
-    ]
+    got = [((a.day - START).days, a.severity, a.suppressed) for a in recorded if a.check == "tolerance"]
+    assert got == [(7, "error", False), (8, "recovered", False), (9, "error", True)]
+    titles = [b["title"] for b in hook.bodies if "tolerance on" in b["title"]]
+    assert titles == [f"[batchmark] ERROR: {METRIC} tolerance on 2026-09-08"]  # still the state now: error
     statuses = {r["day"]: r["delivery_status"] for r in alerts.recent(pg_url, 400) if r["check_name"] == "tolerance"}
-    assert statuses[START + timedelta(days=9)] == "suppressed"
+    assert statuses == {
+        START + timedelta(days=7): "delivered",
+        START + timedelta(days=8): "superseded",  # held, then the error came back: never sent
+        START + timedelta(days=9): "suppressed",  # people's last message already says error
+    }
+
+
+def test_a_recovery_that_lasts_is_sent_after_the_hold(pg_url: str, receivers) -> None:
+    hook, _ = receivers
+    _history(pg_url, [0.01] * 7 + [0.06, 0.01, 0.01, 0.01])
+    recorded = _evaluate(range(11), deliver=True)
+    titles = [b["title"] for b in hook.bodies if "tolerance on" in b["title"]]
+    assert titles == [f"[batchmark] ERROR: {METRIC} tolerance on 2026-09-08"]  # the recovery is on hold
+    _pass_time(pg_url)
+    alerts.deliver_pending(config.load())
+    titles = [b["title"] for b in hook.bodies if "tolerance on" in b["title"]]
+    assert titles[1:] == [f"[batchmark] RECOVERED: {METRIC} tolerance on 2026-09-09"]
+    assert [(a.severity, a.suppressed) for a in recorded if a.check == "tolerance"] == [
+        ("error", False),
+        ("recovered", False),
+    ]
+
+
+def test_a_day_validated_again_after_the_stream_caught_up_recovers(pg_url: str, receivers) -> None:
+    """Day 7 is validated while the stream is behind (incomplete), then again once it caught up: the second
+    validation's figures are the day's, and the completeness alert recovers."""
+    _history(pg_url, [0.01] * 8, incomplete=[0] * 7 + [5])
+    first = _evaluate(range(8))
+    with storage.transaction(pg_url) as cur:  # the newest validation of day 7 is complete
+        cur.execute(
+            """INSERT INTO quality.accuracy_history (run_id, day, metric, success, windows, missing, over_tolerance,
+                   max_error, mean_error, tolerance, kind, incomplete, within_tolerance, truth_events)
+               VALUES ('run-7b', %s, %s, true, 24, 0, 0, 0.02, 0.01, 0.0487, 'distinct', 0, true, 100000)""",
+            (START + timedelta(days=7), METRIC),
+        )
+    again = _evaluate(range(7, 8))
+    assert [(a.check, a.severity) for a in first] == [("completeness", "error")]
+    assert [(a.check, a.severity) for a in again] == [("completeness", "recovered")]
+    assert _evaluate(range(7, 8)) == []  # and evaluating it once more changes nothing
+    assert _evaluate(range(3, 4)) == []  # an older day validated again is history: no alert
 
 
 def test_without_a_channel_alerts_are_recorded_and_shown(pg_url: str, receivers, monkeypatch) -> None:
@@ -172,9 +232,11 @@ def test_the_cli_records_a_day_and_lists_alerts_with_their_delivery(pg_url: str,
     hook, _ = receivers
     _history(pg_url, [0.01] * 3 + [0.06])
     for i in range(3):
+        _validated(i)
         assert main(["alerts", "--date", (START + timedelta(days=i)).isoformat()]) == 0
     capsys.readouterr()
 
+    _validated(3)
     assert main(["alerts", "--date", "2026-09-04"]) == 0
     out = capsys.readouterr().out
     assert f"1 new alerts for 2026-09-04\n  [batchmark] ERROR: {METRIC} tolerance on 2026-09-04" in out

@@ -128,6 +128,8 @@ def test_cusum_caps_each_day():
         ("[alerts]\nmin_history = 2.5\n", "min_history must be a whole number"),
         ("[alerts]\nwindow = 3\n", "has no setting 'window'"),
         ("[alerts]\ntrailing_days = 3\n", "trailing_days must be at least min_history"),
+        ("[alerts]\nmin_history = 0\n", "min_history must be above 0"),
+        ("[alerts]\ncusum_h = 0\n", "cusum_h must be above 0"),
     ],
 )
 def test_bad_alert_settings_are_refused_with_what_to_fix(tmp_path, text, message):
