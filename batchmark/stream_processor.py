@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+import psycopg2
 
 from batchmark import storage
 from batchmark.config import Settings
@@ -251,6 +252,7 @@ class StreamProcessor:
         closed: dict[int, list[tuple[int, tuple[int, str]]]] = {}
         live = time.monotonic() - self._last_live >= LIVE_INTERVAL_S  # refresh the open windows' values too
         provisional: dict[int, list[WindowResult]] = {}
+        closing: dict[int, list[WindowResult]] = {}
         for p, rt in self.partitions.items():
             if not rt.dirty:
                 continue
@@ -258,8 +260,10 @@ class StreamProcessor:
             results.extend(rows)
             closed[p] = keys
             late[p] = rt.state.late_counts()
-            if live or keys:  # a closed window leaves the live rows in the same transaction as its result
+            if live:
                 provisional[p] = rt.state.provisional(exclude=keys)
+            elif rows:  # a closed window leaves the live rows in the same transaction as its result
+                closing[p] = rows
             rt.lake.flush()  # the lake holds everything below next_offset before the checkpoint says so
             first_open = rt.state.first_open_offset(exclude=keys)
             resume = min(first_open, rt.next_offset) if first_open is not None else rt.next_offset
@@ -271,8 +275,7 @@ class StreamProcessor:
                     storage.add_late_events(cur, p, self.partitions[p].epoch, counts)
                 for p, (resume, nxt, wm) in points.items():
                     storage.write_checkpoint(cur, self.topic, p, resume, nxt, wm, self.partitions[p].epoch)
-                for p, rows in provisional.items():
-                    storage.replace_open_windows(cur, self.topic, p, rows, points[p][2])
+                self._write_live(cur, provisional, closing, points)
             if live:
                 self._last_live = time.monotonic()
             for p, (_, nxt, wm) in points.items():
@@ -285,6 +288,29 @@ class StreamProcessor:
             self.counters.checkpoints += 1
         self._last_checkpoint = time.monotonic()
         return {p: v[0] for p, v in points.items()}
+
+    def _write_live(
+        self,
+        cur: Any,
+        provisional: dict[int, list[WindowResult]],
+        closing: dict[int, list[WindowResult]],
+        points: dict[int, tuple[int, int, int]],
+    ) -> None:
+        """The live rows (stream.open_windows), inside the checkpoint's transaction but under a savepoint: a
+        display table that fails (a schema not upgraded yet, a race with a zombie owner) must never cost the
+        checkpoint its results."""
+        if not provisional and not closing:
+            return
+        cur.execute("SAVEPOINT live_windows")
+        try:
+            for p, rows in provisional.items():
+                storage.replace_open_windows(cur, self.topic, p, rows, points[p][2])
+            for p, rows in closing.items():
+                storage.drop_open_windows(cur, self.topic, p, rows)
+            cur.execute("RELEASE SAVEPOINT live_windows")
+        except psycopg2.Error as exc:
+            cur.execute("ROLLBACK TO SAVEPOINT live_windows")
+            log.warning("live windows not updated (results and checkpoint are): %s", exc)
 
     def summary(self) -> dict[str, Any]:
         c = self.counters

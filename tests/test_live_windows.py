@@ -146,3 +146,26 @@ def test_the_live_page_shows_values_change_without_a_reload(pg_url: str, tmp_pat
     finally:
         server.shutdown()
     assert outside == []
+
+
+def test_a_failing_live_write_never_costs_the_checkpoint_its_results(pg_url: str, tmp_path) -> None:  # noqa: ANN001
+    """The live table is a display: with it gone (a schema not upgraded yet), results and checkpoints still land."""
+    settings = dataclasses.replace(config.load(), lake=tmp_path / "lake", events_topic="live-broken")
+    proc = StreamProcessor(settings, load_definitions(settings.definitions_path), checkpoint_interval_s=0)
+    proc.assign(0)
+    start = day_bounds_ms(DAY)[0] + 7_200_000
+    with storage.transaction(settings.database_url) as cur:
+        cur.execute("ALTER TABLE stream.open_windows RENAME TO open_windows_away")
+    try:
+        for i in range(3):
+            proc.process(0, i, b"acme", _event(200 + i, start + i * 1000))
+        proc.process(0, 3, b"acme", _event(203, start + 95_000))  # closes the first minute
+        proc.checkpoint()
+    finally:
+        with storage.transaction(settings.database_url) as cur:
+            cur.execute("ALTER TABLE stream.open_windows_away RENAME TO open_windows")
+    assert storage.read_checkpoint(settings.database_url, "live-broken", 0)[1] == 4
+    final = storage.fetch_results(settings.database_url, "stream", DAY)
+    assert [v for (m, g, w), v in final.items() if m == "jobs" and w.timestamp() * 1000 == start] == [(3.0, 3)]
+    with storage.transaction(settings.database_url) as cur:
+        cur.execute("DELETE FROM stream.results WHERE day = %s", (DAY,))
