@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import json
+import math
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,8 @@ class ViewData:
 
 def load(url: str, defs: Definitions, report_url: str, day: date | None = None, days: int = 30,
          decision_days: int = 14) -> ViewData:  # fmt: skip
-    """Read the view's data: the day (default: the newest validated one) and the `days` before it."""
-    storage.ensure_database(url)
+    """Read the view's data: the day (default: the newest validated one) and the `days` before it. Reads only
+    (no schema work on a page view: the writers create the tables)."""
     with storage.transaction(url) as cur:
         cur.execute("SELECT max(day) FROM quality.accuracy_history")
         newest = cur.fetchone()[0]
@@ -356,6 +357,7 @@ def _page(title: str, head: str, body: str, specs: dict[str, Any]) -> str:
 # -- live: the windows the stream holds open now --------------------------------------------------------------
 
 LIVE_REFRESH_MS = 2000
+STALE_AFTER_S = 600  # rows a worker has not refreshed for 10 minutes (it stopped, or gave the partition up)
 
 
 def live_rows(url: str, limit: int = 500) -> dict[str, Any]:
@@ -364,12 +366,13 @@ def live_rows(url: str, limit: int = 500) -> dict[str, Any]:
     with storage.transaction(url) as cur:
         cur.execute(
             """SELECT metric, group_key, window_start, window_end, value, n_events, updated_at
-               FROM stream.open_windows ORDER BY window_start DESC, metric, group_key LIMIT %s""",
-            (limit,),
+               FROM stream.open_windows WHERE updated_at > now() - %s * interval '1 second'
+               ORDER BY window_start DESC, metric, group_key LIMIT %s""",
+            (STALE_AFTER_S, limit),
         )
         rows = [
-            {"metric": m, "group": g, "window_start": s.isoformat(), "window_end": e.isoformat(), "value": v,
-             "events": n, "updated_at": u.isoformat()}
+            {"metric": m, "group": g, "window_start": s.isoformat(), "window_end": e.isoformat(),
+             "value": v if v is not None and math.isfinite(v) else None, "events": n, "updated_at": u.isoformat()}
             for m, g, s, e, v, n, u in cur.fetchall()
         ]  # fmt: skip
         cur.execute("SELECT topic, partition, watermark_ms, updated_at FROM stream.checkpoints ORDER BY 1, 2")

@@ -27,6 +27,8 @@ from typing import Any
 from airflow.listeners import hookimpl
 from airflow.plugins_manager import AirflowPlugin
 from airflow.timetables.interval import CronDataIntervalTimetable
+from fastapi import Request  # module level: FastAPI resolves the routes' (postponed) annotations here
+from fastapi.responses import Response
 
 from batchmark import orchestration
 from batchmark.errors import ConfigError
@@ -157,7 +159,10 @@ def _file(root: Path, path: str) -> Any:
     """A file under root (a directory's index.html), or 404; nothing outside root."""
     from fastapi.responses import FileResponse, JSONResponse
 
-    target = (root / (path or "index.html")).resolve()
+    try:
+        target = (root / (path or "index.html")).resolve()
+    except (ValueError, OSError):  # e.g. a NUL byte in the path
+        return JSONResponse({"detail": "not a path"}, status_code=404)
     if target.is_dir():
         target = target / "index.html"
     if not target.is_relative_to(root) or not target.is_file():
@@ -173,8 +178,9 @@ def batchmark_app() -> Any:
     - /batchmark/reports/...: the GX Data Docs site of the project (settings.gx_root), offline-ready;
     - /batchmark/static/vendor/...: the vendored scripts and styles those pages load.
     """
-    from fastapi import FastAPI, Request
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from fastapi import FastAPI
+    from fastapi.responses import HTMLResponse, JSONResponse
+    from starlette.concurrency import run_in_threadpool
 
     from batchmark import accuracy_view, config
     from batchmark.reports import VENDOR
@@ -182,6 +188,7 @@ def batchmark_app() -> Any:
     site = (config.load().gx_root / "uncommitted" / "data_docs" / "local_site").resolve()
     app = FastAPI(title="batchmark", docs_url=None, redoc_url=None, openapi_url=None)
 
+    # Database reads run in the thread pool: the API server's event loop also serves the UI and the tasks.
     @app.get("/reports/{path:path}")
     async def report(path: str, request: Request) -> Response:
         return await signed_in(request) or _file(site, path)
@@ -190,11 +197,7 @@ def batchmark_app() -> Any:
     async def vendor(path: str, request: Request) -> Response:
         return await signed_in(request) or _file(VENDOR.resolve(), path)
 
-    @app.get("/accuracy")
-    async def accuracy(request: Request, day: str | None = None, days: int = 30) -> Response:
-        refused = await signed_in(request)
-        if refused:
-            return refused
+    def accuracy_page(day: str | None, days: int) -> Response:
         from batchmark.definitions import load_definitions
         from batchmark.errors import ConfigError
         from batchmark.windows import parse_day
@@ -210,13 +213,20 @@ def batchmark_app() -> Any:
         data = accuracy_view.load(settings.database_url, defs, settings.report_url, focus, days, settings.decision_days)
         return HTMLResponse(accuracy_view.render(data, assets="static/vendor", page_url="accuracy"))
 
+    @app.get("/accuracy")
+    async def accuracy(request: Request, day: str | None = None, days: int = 30) -> Response:
+        return await signed_in(request) or await run_in_threadpool(accuracy_page, day, days)
+
     @app.get("/live")
     async def live(request: Request) -> Response:
         return await signed_in(request) or HTMLResponse(accuracy_view.render_live())
 
     @app.get("/live.json")
     async def live_json(request: Request) -> Response:
-        return await signed_in(request) or JSONResponse(accuracy_view.live_rows(config.load().database_url))
+        refused = await signed_in(request)
+        if refused:
+            return refused
+        return JSONResponse(await run_in_threadpool(accuracy_view.live_rows, config.load().database_url))
 
     return app
 

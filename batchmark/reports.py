@@ -5,6 +5,7 @@ Awesome, Vega) and a logo from a cloud bucket; offline, the index's list of vali
 validation :func:`make_offline` copies ``batchmark/static/vendor`` (byte-identical copies of those files, sources
 in its SOURCES.md) into the site and points every page at them, by a relative path, so the site works from the
 disk (file://) and served by the Airflow plugin alike. Pages are rewritten once: a stamp file marks the last pass.
+:func:`annotate` adds batchmark's figures (max error, window counts, causes) to a metric's validation page.
 """
 
 from __future__ import annotations
@@ -99,3 +100,18 @@ def make_offline(site: Path) -> int:
             page.write_text(new, encoding="utf-8")
             rewritten += 1
     return rewritten
+
+
+FIGURES_ID = "batchmark-figures"
+_SECTION_1 = '<div id="section-1" '
+
+
+def annotate(page: Path, fragment: str) -> bool:
+    """Put batchmark's figures (an HTML fragment) at the top of a GX validation page, once; False when the
+    page has no place for it (GX changed its layout) or already has them."""
+    text = page.read_text(encoding="utf-8")
+    if f'id="{FIGURES_ID}"' in text or _SECTION_1 not in text:
+        return False
+    block = f'<div id="{FIGURES_ID}" class="alert alert-info mx-3 mt-2">{fragment}</div>\n'
+    page.write_text(text.replace(_SECTION_1, block + _SECTION_1, 1), encoding="utf-8")
+    return True

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import logging
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -44,6 +45,7 @@ from batchmark.config import Settings
 from batchmark.definitions import Definitions, Metric
 from batchmark.errors import BatchmarkError, ConfigError
 
+log = logging.getLogger(__name__)
 GX_CONNECTION_VAR = "BATCHMARK_GX_CONNECTION"
 DATASOURCE = "batchmark"
 ASSET = "comparison"
@@ -197,7 +199,34 @@ def validate_day(settings: Settings, defs: Definitions, day: date, run_id: str |
         day=day, run_id=run_id, success=bool(result.success), metrics=metrics, docs_index=docs_index
     )
     _record(url, report)
+    for m in metrics:  # what GX's page does not say: the kind's max error, the window counts, the causes
+        if m.report_page:
+            try:
+                reports.annotate(docs_index.parent / m.report_page, _figures_html(m, day, settings.report_url))
+            except (OSError, UnicodeError) as exc:  # a page we cannot rewrite must not lose the day's record
+                log.warning("could not add batchmark's figures to %s: %s", m.report_page, exc)
     return report
+
+
+def _figures_html(m: MetricAccuracy, day: date, report_url: str) -> str:
+    """The figures block batchmark adds to a metric's validation page."""
+    import html
+
+    view = (
+        report_url.removesuffix("/reports") + f"/accuracy?day={day.isoformat()}"
+        if report_url.endswith("/reports")
+        else None
+    )
+    parts = [
+        f"<strong>batchmark, {html.escape(m.metric)} ({html.escape(m.kind)}) on {day.isoformat()}:</strong> "
+        f"{html.escape(m.describe())}.",
+        f"Mean error {_fmt(m.mean_error)}; {m.truth_events} truth events; "
+        f"{html.escape(m.causes() or 'no late, lost or duplicated events')}; "
+        f"the sketch's own part {_fmt(m.sketch_effect or 0)}.",
+    ]
+    if view:
+        parts.append(f'<a href="{html.escape(view)}">This day in the Accuracy view</a>')
+    return "<br>".join(parts)
 
 
 def _site_path(urls: list[dict[str, Any]]) -> Path:

@@ -366,6 +366,11 @@ def test_data_docs_work_offline_in_a_browser(settings, defs, same_day):
         jobs = site / report.metrics[0].report_page
         page.goto(jobs.as_uri())
         assert "accuracy_jobs" in page.content()
+        figures = page.locator("#batchmark-figures").inner_text()  # what GX's own page leaves out
+        assert f"jobs {WINDOWS_PER_METRIC} windows: 0 missing, 0 over tolerance 0 (max error 0), 0 incomplete" in (
+            figures
+        )
+        assert "no late, lost or duplicated events" in figures and "This day in the Accuracy view" in figures
         assert page.evaluate("getComputedStyle(document.body).fontFamily").startswith("-apple-system")  # bootstrap
         page.screenshot(path=str(settings.home / "data-docs-offline.png"), full_page=False)
         browser.close()

@@ -41,6 +41,8 @@ from batchmark.stack import READY_LINE
 
 UI_DAY = date(2026, 3, 2)
 BACKFILL_DAYS = [date(2026, 3, 3), date(2026, 3, 4), date(2026, 3, 5)]
+FAULTY_DAY = BACKFILL_DAYS[-1]  # streamed with planted late, duplicated and lost events: its validation fails
+FAULTS = {"late": 0.01, "duplicates": 0.01, "lost": 0.01}
 DEMO_DAY = date(2026, 3, 6)
 ARTIFACTS = REPO_ROOT / ".batchmark" / "test-artifacts" / "stack"
 CHROMIUM = os.environ.get("BATCHMARK_CHROMIUM", "/usr/bin/chromium")
@@ -119,17 +121,18 @@ class Api:
         return self.get(f"/api/v2/dags/{dag_id}/dagRuns", limit=100)["dag_runs"]
 
     def wait_for_runs(
-        self, dag_id: str, match: Any, count: int, timeout_s: float, every: Any = None
+        self, dag_id: str, match: Any, count: int, timeout_s: float, every: Any = None, may_fail: bool = False
     ) -> list[dict[str, Any]]:
-        """Until `count` runs matching `match` have finished; fails on a failed one."""
+        """Until `count` runs matching `match` have finished; fails on a failed one unless may_fail."""
         deadline = time.monotonic() + timeout_s
+        done = ("success", "failed") if may_fail else ("success",)
         while time.monotonic() < deadline:
             runs = [r for r in self.runs(dag_id) if match(r)]
             failed = [r["dag_run_id"] for r in runs if r["state"] == "failed"]
-            assert not failed, f"{dag_id} runs failed: {failed}"
+            assert may_fail or not failed, f"{dag_id} runs failed: {failed}"
             if every:
                 every()
-            if len(runs) >= count and all(r["state"] == "success" for r in runs):
+            if len(runs) >= count and all(r["state"] in done for r in runs):
                 return runs
             time.sleep(3)
         pytest.fail(f"{dag_id}: {count} matching runs not done within {timeout_s:.0f}s: {self.runs(dag_id)}")
@@ -164,8 +167,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> Iterator[dic
         defs = load_definitions(REPO_ROOT / "batchmark" / "metrics.toml")
         for day in [UI_DAY, *BACKFILL_DAYS]:
             data = home / "data" / f"{day}.jsonl"
+            faults = FAULTS if day == FAULTY_DAY else {}  # one day the stream gets wrong, on purpose
             generate(
-                GeneratorConfig(day=day, events=4000, partitions=2, seed=day.day),
+                GeneratorConfig(day=day, events=4000, partitions=2, seed=day.day, **faults),
                 data,
                 archive=home / "archive" / f"events-{day}.jsonl",
             )
@@ -331,6 +335,8 @@ def test_validation_follows_the_truth_asset(stack: dict[str, Any]) -> None:
     api: Api = stack["api"]
     runs = api.wait_for_runs("validate_accuracy", lambda r: UI_DAY.isoformat() in (r["note"] or ""), 1, 300)
     assert all(r["run_type"] == "asset_triggered" for r in runs)
+    # the run's note (Markdown in the UI) links to the day in the Accuracy view
+    assert f"[{UI_DAY}](/batchmark/accuracy?day={UI_DAY})" in runs[0]["note"]
     tis = api.get(f"/api/v2/dags/validate_accuracy/dagRuns/{runs[0]['dag_run_id']}/taskInstances")["task_instances"]
     labels = {(t["task_id"], t["rendered_map_index"]) for t in tis if t["map_index"] >= 0}
     assert labels == {
@@ -506,13 +512,16 @@ def test_backfill_over_three_days_validates_three_days_in_order(stack: dict[str,
             break
         time.sleep(3)
     n_metrics = len(load_definitions(REPO_ROOT / "batchmark" / "metrics.toml").metrics)
-    assert validated == {d: (True, n_metrics) for d in BACKFILL_DAYS}
-    runs = api.wait_for_runs("validate_accuracy", lambda r: r["run_type"] == "asset_triggered", 2, timeout_s=300)
-    mapped = set()
+    assert validated == {d: (d != FAULTY_DAY, n_metrics) for d in BACKFILL_DAYS}
+    runs = api.wait_for_runs(  # the faulty day's validation fails its check_accuracy: that run fails
+        "validate_accuracy", lambda r: r["run_type"] == "asset_triggered", 2, timeout_s=300, may_fail=True
+    )
+    checked: dict[str, str] = {}
     for run in runs:
         tis = api.get(f"/api/v2/dags/validate_accuracy/dagRuns/{run['dag_run_id']}/taskInstances")["task_instances"]
-        mapped |= {t["rendered_map_index"] for t in tis if t["task_id"] == "check_accuracy" and t["state"] == "success"}
-    assert {d.isoformat() for d in BACKFILL_DAYS} <= mapped
+        checked |= {t["rendered_map_index"]: t["state"] for t in tis if t["task_id"] == "check_accuracy"}
+    assert {d.isoformat(): "success" for d in BACKFILL_DAYS[:-1]}.items() <= checked.items()
+    assert checked[FAULTY_DAY.isoformat()] == "failed"  # the planted faults are an accuracy failure
     print(
         f"\nbackfill of 3 days: nightly runs done and all 3 days validated {time.monotonic() - t0:.0f}s after "
         f"the request (nightly runs alone {backfill_s:.0f}s)"
@@ -544,6 +553,10 @@ def test_the_accuracy_view_in_the_ui_draws_the_validated_days(stack: dict[str, A
         inner = next(f for f in page.frames if f.url.endswith("/batchmark/accuracy"))
         inner.evaluate("window.bmReady")
         rows = inner.evaluate("Array.from(document.querySelectorAll('#overview tbody tr')).map(r => r.dataset.metric)")
+        newest = inner.evaluate("document.getElementById('day').value")
+        jobs_row = inner.evaluate(
+            "Array.from(document.querySelector('#overview tr[data-metric=jobs]').children).map(td => td.innerText)"
+        )
         points = inner.evaluate(
             "Array.from(document.querySelectorAll('#chart-error-cpu_seconds [aria-roledescription=point]'))"
             ".map(e => e.getAttribute('aria-label')).filter(l => l.includes('mean error'))"
@@ -551,7 +564,10 @@ def test_the_accuracy_view_in_the_ui_draws_the_validated_days(stack: dict[str, A
         page.screenshot(path=str(ARTIFACTS / "accuracy-view.png"), full_page=True)
     assert sorted(rows) == sorted(m.name for m in load_definitions(REPO_ROOT / "batchmark" / "metrics.toml").metrics)
     drawn = {dict(x.split(": ", 1) for x in label.split("; "))["day"] for label in points}
-    assert drawn == set(validated) and len(drawn) >= 1
+    assert drawn == set(validated) and len(drawn) >= 4  # the UI's day and the three backfilled days
+    # the newest day is the one with planted faults: failed, with its lost and late events named
+    assert newest == FAULTY_DAY.isoformat()
+    assert "FAIL" in jobs_row[1] and " lost" in jobs_row[7] and " late" in jobs_row[7], jobs_row
 
 
 def test_the_live_view_follows_a_replay_as_it_happens(stack: dict[str, Any], browser: Any) -> None:
