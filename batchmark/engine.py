@@ -141,14 +141,17 @@ class PartitionState:
                     keys.append((i, k))
         return out, keys
 
-    def provisional(self, exclude: list[tuple[int, tuple[int, str]]] = ()) -> list[WindowResult]:
-        """The value so far of every open window (not in exclude): a snapshot, the windows stay open."""
+    def provisional(
+        self, exclude: list[tuple[int, tuple[int, str]]] = (), known: set[tuple[str, str, int]] | None = None
+    ) -> list[WindowResult]:
+        """The value so far of every open window (not in exclude; with `known`, only windows whose (metric,
+        group key, start) is not in it): a snapshot, the windows stay open."""
         skip = set(exclude)
         return [
             WindowResult(ms.metric.name, k[1], k[0], k[0] + ms.metric.window_ms, *ms.agg.result(state)[:1], n)
             for i, ms in enumerate(self.metrics)
             for k, (state, n, _) in ms.windows.items()
-            if (i, k) not in skip
+            if (i, k) not in skip and (known is None or (ms.metric.name, k[1], k[0]) not in known)
         ]
 
     def forget(self, keys: list[tuple[int, tuple[int, str]]]) -> None:

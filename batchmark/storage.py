@@ -511,6 +511,11 @@ def swap_truth_day(
 def replace_open_windows(cur: Any, topic: str, partition: int, rows: Sequence[Any], watermark_ms: int) -> None:
     """Replace a partition's rows of stream.open_windows with these provisional WindowResults."""
     cur.execute("DELETE FROM stream.open_windows WHERE topic = %s AND partition = %s", (topic, partition))
+    upsert_open_windows(cur, topic, partition, rows, watermark_ms)
+
+
+def upsert_open_windows(cur: Any, topic: str, partition: int, rows: Sequence[Any], watermark_ms: int) -> None:
+    """Insert (or update) provisional WindowResults in stream.open_windows."""
     if rows:
         psycopg2.extras.execute_values(
             cur,

@@ -67,6 +67,7 @@ class _Partition:
     seeking_since: float | None = None  # set while waiting for the record at `position` after a seek
     epoch: str = ""
     dirty: bool = False
+    live: set[tuple[str, str, int]] = field(default_factory=set)  # (metric, group, start) in stream.open_windows
 
 
 @dataclass
@@ -253,6 +254,7 @@ class StreamProcessor:
         live = time.monotonic() - self._last_live >= LIVE_INTERVAL_S  # refresh the open windows' values too
         provisional: dict[int, list[WindowResult]] = {}
         closing: dict[int, list[WindowResult]] = {}
+        provisional_new: dict[int, list[WindowResult]] = {}
         for p, rt in self.partitions.items():
             if not rt.dirty:
                 continue
@@ -260,10 +262,13 @@ class StreamProcessor:
             results.extend(rows)
             closed[p] = keys
             late[p] = rt.state.late_counts()
-            if live:
+            if live:  # every open window's value so far
                 provisional[p] = rt.state.provisional(exclude=keys)
-            elif rows:  # a closed window leaves the live rows in the same transaction as its result
-                closing[p] = rows
+            else:  # between refreshes: closed windows leave with their results, new ones appear
+                opened = rt.state.provisional(exclude=keys, known=rt.live)
+                if rows or opened:
+                    closing[p] = rows
+                    provisional_new[p] = opened
             rt.lake.flush()  # the lake holds everything below next_offset before the checkpoint says so
             first_open = rt.state.first_open_offset(exclude=keys)
             resume = min(first_open, rt.next_offset) if first_open is not None else rt.next_offset
@@ -275,11 +280,17 @@ class StreamProcessor:
                     storage.add_late_events(cur, p, self.partitions[p].epoch, counts)
                 for p, (resume, nxt, wm) in points.items():
                     storage.write_checkpoint(cur, self.topic, p, resume, nxt, wm, self.partitions[p].epoch)
-                self._write_live(cur, provisional, closing, points)
+                live_written = self._write_live(cur, provisional, closing, provisional_new, points)
             if live:
                 self._last_live = time.monotonic()
             for p, (_, nxt, wm) in points.items():
                 rt = self.partitions[p]
+                if live_written:  # what stream.open_windows now holds for the partition
+                    if p in provisional:
+                        rt.live = {(r.metric, r.group_key, r.window_start_ms) for r in provisional[p]}
+                    else:
+                        rt.live -= {(r.metric, r.group_key, r.window_start_ms) for r in closing.get(p, [])}
+                        rt.live |= {(r.metric, r.group_key, r.window_start_ms) for r in provisional_new.get(p, [])}
                 rt.state.forget(closed[p])
                 rt.state.clear_late()
                 rt.dirty = False
@@ -294,23 +305,29 @@ class StreamProcessor:
         cur: Any,
         provisional: dict[int, list[WindowResult]],
         closing: dict[int, list[WindowResult]],
+        opened: dict[int, list[WindowResult]],
         points: dict[int, tuple[int, int, int]],
-    ) -> None:
+    ) -> bool:
         """The live rows (stream.open_windows), inside the checkpoint's transaction but under a savepoint: a
         display table that fails (a schema not upgraded yet, a race with a zombie owner) must never cost the
-        checkpoint its results."""
-        if not provisional and not closing:
-            return
+        checkpoint its results. A refresh replaces a partition's rows; between refreshes closed windows are
+        deleted and newly opened ones inserted (their values refresh with the next refresh). True if written."""
+        if not provisional and not closing and not opened:
+            return True
         cur.execute("SAVEPOINT live_windows")
         try:
             for p, rows in provisional.items():
                 storage.replace_open_windows(cur, self.topic, p, rows, points[p][2])
             for p, rows in closing.items():
                 storage.drop_open_windows(cur, self.topic, p, rows)
+            for p, rows in opened.items():
+                storage.upsert_open_windows(cur, self.topic, p, rows, points[p][2])
             cur.execute("RELEASE SAVEPOINT live_windows")
+            return True
         except psycopg2.Error as exc:
             cur.execute("ROLLBACK TO SAVEPOINT live_windows")
             log.warning("live windows not updated (results and checkpoint are): %s", exc)
+            return False
 
     def summary(self) -> dict[str, Any]:
         c = self.counters

@@ -69,6 +69,13 @@ def test_the_checkpoint_keeps_the_live_rows_current(pg_url: str, tmp_path) -> No
     proc.process(0, 25, b"acme", _event(25, start + 95_000))  # the watermark passes 1 min + 30 s lateness
     proc.checkpoint()  # not a refresh by time: the closed window still leaves the live rows here
     assert ("jobs", "acme") not in _live(settings.database_url, "live-test")
+    with storage.transaction(settings.database_url) as cur:  # and the minute it opened is there already
+        cur.execute(
+            "SELECT n_events FROM stream.open_windows WHERE topic = 'live-test' AND metric = 'jobs' "
+            "AND window_start = to_timestamp(%s / 1000.0)",
+            (start + 60_000,),
+        )
+        assert cur.fetchall() == [(1,)]
     final = storage.fetch_results(settings.database_url, "stream", DAY)
     assert [v for (m, g, _), v in final.items() if m == "jobs" and g == "acme"] == [(25.0, 25)]
     with storage.transaction(settings.database_url) as cur:

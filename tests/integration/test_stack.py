@@ -532,7 +532,8 @@ def test_the_accuracy_view_in_the_ui_draws_the_validated_days(stack: dict[str, A
     """Signed in as viewer: the UI's Accuracy entry (the plugin's external view) shows every metric of the
     newest validated day, and its charts hold the days validated so far, value for value."""
     api: Api = stack["api"]
-    api.wait_for_runs("validate_accuracy", lambda r: UI_DAY.isoformat() in (r["note"] or ""), 1, 300)
+    # (the backfill test before this one waited for every day's validation; a refused manual run may exist)
+    api.wait_for_runs("validate_accuracy", lambda r: UI_DAY.isoformat() in (r["note"] or ""), 1, 300, may_fail=True)
     views = [v for p in api.get("/api/v2/plugins")["plugins"] for v in p["external_views"]]
     assert {"name": "Accuracy", "href": "/batchmark/accuracy", "url_route": "accuracy"}.items() <= next(
         v for v in views if v["name"] == "Accuracy"
