@@ -44,6 +44,7 @@ BACKFILL_DAYS = [date(2026, 3, 3), date(2026, 3, 4), date(2026, 3, 5)]
 FAULTY_DAY = BACKFILL_DAYS[-1]  # streamed with planted late, duplicated and lost events: its validation fails
 FAULTS = {"late": 0.01, "duplicates": 0.01, "lost": 0.01}
 DEMO_DAY = date(2026, 3, 6)
+LIVE_DAY = date(2026, 3, 10)  # replayed while the live page watches (not the demo's day: the demo checks that)
 ARTIFACTS = REPO_ROOT / ".batchmark" / "test-artifacts" / "stack"
 CHROMIUM = os.environ.get("BATCHMARK_CHROMIUM", "/usr/bin/chromium")
 BATCHMARK = str(Path(sys.executable).parent / "batchmark")
@@ -578,7 +579,7 @@ def test_the_live_view_follows_a_replay_as_it_happens(stack: dict[str, Any], bro
 
     for path in ("/batchmark/live", "/batchmark/live.json"):
         assert httpx.get(stack["base"] + path, timeout=10).status_code == 401, path
-    day = date(2026, 3, 6)
+    day = LIVE_DAY
     data = stack["home"] / "data" / f"{day}.jsonl"
     generate(GeneratorConfig(day=day, events=30_000, partitions=2, seed=6), data)
     defs = load_definitions(REPO_ROOT / "batchmark" / "metrics.toml")
@@ -597,8 +598,9 @@ def test_the_live_view_follows_a_replay_as_it_happens(stack: dict[str, Any], bro
         while time.monotonic() < deadline and len({t for t in totals if t > 0}) < 3:
             totals.append(
                 page.evaluate(
-                    "(window.bmLive.windows || []).filter(w => w.window_start.startsWith('2026-03-06'))"
-                    ".filter(w => w.metric === 'jobs').reduce((a, w) => a + w.events, 0)"
+                    "day => (window.bmLive.windows || []).filter(w => w.window_start.startsWith(day))"
+                    ".filter(w => w.metric === 'jobs').reduce((a, w) => a + w.events, 0)",
+                    day.isoformat(),
                 )
             )
             time.sleep(1)
