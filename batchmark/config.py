@@ -103,6 +103,7 @@ class Settings:
     report_url: str = "http://127.0.0.1:8080/batchmark/reports"
     alert_retry_seconds: float = 60.0  # the first retry of a failed delivery; doubles per attempt, at most 6 h
     decision_days: int = 14  # the Accuracy view's "is the stream alone enough?" looks at this many days
+    live_interval_s: float = 2.0  # how often the worker refreshes stream.open_windows; 0 = no live rows
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -153,4 +154,5 @@ def load() -> Settings:
         report_url=_env("BATCHMARK_REPORT_URL", "http://127.0.0.1:8080/batchmark/reports").rstrip("/"),
         alert_retry_seconds=float(_env("BATCHMARK_ALERT_RETRY_SECONDS", "60")),
         decision_days=int(_env("BATCHMARK_DECISION_DAYS", "14")),
+        live_interval_s=float(_env("BATCHMARK_LIVE_INTERVAL_S", "2")),
     )

@@ -37,7 +37,6 @@ DLQ_RAW_LIMIT = 64 * 1024
 
 
 SEEK_GRACE_S = 10.0  # after a seek, how long to wait for the expected offset before accepting a gap
-LIVE_INTERVAL_S = 2.0  # the open windows' provisional values (stream.open_windows) are refreshed this often
 CLOSE_CHECKPOINT_GAP_S = 0.2  # a window that has closed is written this soon after the previous checkpoint
 
 
@@ -251,7 +250,8 @@ class StreamProcessor:
         late: dict[int, list[tuple[str, int, int]]] = {}
         points: dict[int, tuple[int, int, int]] = {}
         closed: dict[int, list[tuple[int, tuple[int, str]]]] = {}
-        live = time.monotonic() - self._last_live >= LIVE_INTERVAL_S  # refresh the open windows' values too
+        every = self.settings.live_interval_s
+        live = every > 0 and time.monotonic() - self._last_live >= every  # refresh the open windows' values too
         provisional: dict[int, list[WindowResult]] = {}
         closing: dict[int, list[WindowResult]] = {}
         provisional_new: dict[int, list[WindowResult]] = {}
@@ -264,7 +264,7 @@ class StreamProcessor:
             late[p] = rt.state.late_counts()
             if live:  # every open window's value so far
                 provisional[p] = rt.state.provisional(exclude=keys)
-            else:  # between refreshes: closed windows leave with their results, new ones appear
+            elif every > 0:  # between refreshes: closed windows leave with their results, new ones appear
                 opened = rt.state.provisional(exclude=keys, known=rt.live)
                 if rows or opened:
                     closing[p] = rows

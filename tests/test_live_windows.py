@@ -61,7 +61,7 @@ def test_the_checkpoint_keeps_the_live_rows_current(pg_url: str, tmp_path) -> No
 
     for i in range(10, 25):
         proc.process(0, i, b"acme", _event(i, start + i * 1000))
-    proc._last_live = 0.0  # as if LIVE_INTERVAL_S had passed
+    proc._last_live = 0.0  # as if BATCHMARK_LIVE_INTERVAL_S had passed
     proc.checkpoint()
     live = _live(settings.database_url, "live-test")
     assert live[("jobs", "acme")] == (25.0, 25) and live[("cpu_min", "acme")] == (2.0, 25)
@@ -176,3 +176,15 @@ def test_a_failing_live_write_never_costs_the_checkpoint_its_results(pg_url: str
     assert [v for (m, g, w), v in final.items() if m == "jobs" and w.timestamp() * 1000 == start] == [(3.0, 3)]
     with storage.transaction(settings.database_url) as cur:
         cur.execute("DELETE FROM stream.results WHERE day = %s", (DAY,))
+
+
+def test_live_rows_can_be_switched_off(pg_url: str, tmp_path) -> None:  # noqa: ANN001
+    settings = dataclasses.replace(config.load(), lake=tmp_path / "lake", events_topic="live-off", live_interval_s=0.0)
+    proc = StreamProcessor(settings, load_definitions(settings.definitions_path), checkpoint_interval_s=0)
+    proc.assign(0)
+    start = day_bounds_ms(DAY)[0]
+    for i in range(5):
+        proc.process(0, i, b"acme", _event(300 + i, start + i * 1000))
+    proc.checkpoint()
+    assert _live(settings.database_url, "live-off") == {}
+    assert storage.read_checkpoint(settings.database_url, "live-off", 0)[1] == 5
