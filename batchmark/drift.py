@@ -256,14 +256,6 @@ def transitions(
     return out
 
 
-def day_transitions(
-    metric: str, days: Sequence[Day], day: date, s: DriftSettings = DriftSettings(), dataset: bool = False
-) -> list[Transition]:
-    """The transitions that happen on one day of the history (the history may go on after it)."""
-    upto = [d for d in days if d.day <= day]
-    return [t for t in transitions(metric, upto, s, dataset) if t.day == day]
-
-
 def _g(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3g}"
 

@@ -4,7 +4,6 @@ the tables in Postgres say."""
 
 from __future__ import annotations
 
-import os
 import re
 from datetime import date, timedelta
 from pathlib import Path
@@ -16,11 +15,11 @@ from batchmark.cli import main
 from batchmark.definitions import load_definitions
 from batchmark.engine import WindowResult
 from batchmark.windows import day_bounds_ms
+from tests.browser import CHROMIUM, block_outside
 
 START = date(2026, 8, 1)
 DAYS = 10
 LAST = START + timedelta(days=DAYS - 1)
-CHROMIUM = os.environ.get("BATCHMARK_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = config.REPO_ROOT / ".batchmark" / "test-artifacts" / "accuracy-view"
 
 
@@ -108,14 +107,7 @@ def test_the_report_in_a_browser_draws_the_databases_figures(history, tmp_path) 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-
-        def route(r):  # noqa: ANN001, ANN202
-            if r.request.url.startswith(("file://", "data:")):
-                return r.continue_()
-            outside.append(r.request.url)
-            return r.abort()
-
-        page.route("**/*", route)
+        block_outside(page, ("file://", "data:"), outside)
         page.goto(out.as_uri())
         page.evaluate("window.bmReady")
         charts = page.evaluate("Object.keys(window.bmCharts).sort()")

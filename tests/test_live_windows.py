@@ -94,6 +94,7 @@ def test_the_live_page_shows_values_change_without_a_reload(pg_url: str, tmp_pat
     from batchmark import accuracy_view
     from batchmark.broker import free_port
     from batchmark.reports import VENDOR
+    from tests.browser import CHROMIUM, block_outside
 
     settings = dataclasses.replace(config.load(), lake=tmp_path / "lake", events_topic="live-page")
     defs = load_definitions(settings.definitions_path)
@@ -127,16 +128,9 @@ def test_the_live_page_shows_values_change_without_a_reload(pg_url: str, tmp_pat
     outside: list[str] = []
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium")
+            browser = p.chromium.launch(executable_path=CHROMIUM)
             page = browser.new_page()
-            page.route(
-                "**/*",
-                lambda r: (
-                    r.continue_()
-                    if r.request.url.startswith("http://127.0.0.1:")
-                    else (outside.append(r.request.url), r.abort())
-                ),
-            )
+            block_outside(page, ("http://127.0.0.1:",), outside)
             page.goto(f"http://127.0.0.1:{server.server_port}/live")
             page.wait_for_function("window.bmLive && window.bmLive.polls >= 1")
             page.evaluate("window.stillTheSamePage = true")

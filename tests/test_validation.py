@@ -333,6 +333,7 @@ def test_data_docs_work_offline_in_a_browser(settings, defs, same_day):
     from playwright.sync_api import sync_playwright
 
     from batchmark import reports
+    from tests.browser import CHROMIUM, block_outside
 
     validate_day(settings, defs, DAY, run_id="run-offline-1")
     report = validate_day(settings, defs, DAY, run_id="run-offline-2")
@@ -347,16 +348,9 @@ def test_data_docs_work_offline_in_a_browser(settings, defs, same_day):
 
     outside: list[str] = []
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=os.environ.get("BATCHMARK_CHROMIUM", "/usr/bin/chromium"))
+        browser = p.chromium.launch(executable_path=CHROMIUM)
         page = browser.new_page()
-
-        def route(r):  # noqa: ANN001, ANN202
-            if r.request.url.startswith(("file://", "data:")):
-                return r.continue_()
-            outside.append(r.request.url)
-            return r.abort()
-
-        page.route("**/*", route)
+        block_outside(page, ("file://", "data:"), outside)
         page.goto(report.docs_index.as_uri())
         rows = page.locator("table tbody tr")
         rows.first.wait_for(timeout=15_000)

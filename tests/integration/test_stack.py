@@ -353,18 +353,24 @@ def test_validation_follows_the_truth_asset(stack: dict[str, Any]) -> None:
     assert {"day": UI_DAY.isoformat(), "success": True} in [e["extra"] for e in events]
 
 
+def _report_page(stack: dict[str, Any], metric: str) -> str:
+    """The newest validation page of a metric for UI_DAY (relative to the Data Docs root), once validated."""
+    stack["api"].wait_for_runs("validate_accuracy", lambda r: UI_DAY.isoformat() in (r["note"] or ""), 1, 300)
+    with storage.transaction(stack["database_url"]) as cur:
+        cur.execute(
+            """SELECT report_page FROM quality.accuracy_history WHERE day = %s AND metric = %s
+               ORDER BY created_at DESC LIMIT 1""",
+            (UI_DAY, metric),
+        )
+        (page,) = cur.fetchone()
+    return page
+
+
 def test_the_report_an_alert_links_to_is_served_by_the_api_server(stack: dict[str, Any]) -> None:
     """An alert's link is http://<api server>/batchmark/reports/<the metric's validation page>: it must open
     on any machine that reaches Airflow, not name a file on the scheduler's disk."""
     api: Api = stack["api"]
-    api.wait_for_runs("validate_accuracy", lambda r: UI_DAY.isoformat() in (r["note"] or ""), 1, 300)
-    with storage.transaction(stack["database_url"]) as cur:
-        cur.execute(
-            """SELECT report_page FROM quality.accuracy_history WHERE day = %s AND metric = 'jobs'
-               ORDER BY created_at DESC LIMIT 1""",
-            (UI_DAY,),
-        )
-        (page,) = cur.fetchone()
+    page = _report_page(stack, "jobs")
     link = f"{stack['base']}/batchmark/reports/{page}"
     viewer = api.login("viewer")  # the read-only role may read reports
     response = httpx.get(link, headers=viewer, timeout=10)
@@ -385,16 +391,7 @@ def test_the_report_an_alert_links_to_is_served_by_the_api_server(stack: dict[st
 def test_an_alert_link_opens_the_report_in_a_browser_after_signing_in(stack: dict[str, Any], browser: Any) -> None:
     """A person clicks an alert's link with no Airflow session: the login page, then the report itself, all
     from 127.0.0.1 (the Data Docs load vendored assets only)."""
-    api: Api = stack["api"]
-    api.wait_for_runs("validate_accuracy", lambda r: UI_DAY.isoformat() in (r["note"] or ""), 1, 300)
-    with storage.transaction(stack["database_url"]) as cur:
-        cur.execute(
-            """SELECT report_page FROM quality.accuracy_history WHERE day = %s AND metric = 'cpu_seconds'
-               ORDER BY created_at DESC LIMIT 1""",
-            (UI_DAY,),
-        )
-        (page_path,) = cur.fetchone()
-    link = f"{stack['base']}/batchmark/reports/{page_path}"
+    link = f"{stack['base']}/batchmark/reports/{_report_page(stack, 'cpu_seconds')}"
     context = browser.new_context(viewport={"width": 1400, "height": 900})
     page = context.new_page()
     outside: list[str] = []
