@@ -78,3 +78,97 @@ def test_bad_metric_is_refused_with_a_reason(tmp_path: Path, metric: str, messag
 def test_unknown_metric_lists_the_known_ones() -> None:
     with pytest.raises(ConfigError, match="jobs, cpu_seconds, mem_gb_mean"):
         load_definitions(DEFAULT).metric("nope")
+
+
+def _file(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "defs.toml"
+    path.write_text(text)
+    return path
+
+
+BASE = """[dataset]
+partition_key = "tenant"
+
+[dataset.fields]
+tenant = { type = "string" }
+cpu = { type = "float", min = 0.0, nullable = true }
+
+[[metric]]
+name = "jobs"
+kind = "count"
+group_by = ["tenant"]
+"""
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        # an unknown key: its line, the table, a suggestion and the accepted keys
+        (
+            'allowed_latenes = "20h"\n',
+            r"defs\.toml:12: \[\[metric\]\] #1 \(name 'jobs'\): allowed_latenes is not a "
+            r"known key \(did you mean 'allowed_lateness'\?\); accepted keys here: allowed_lateness, capacity",
+        ),
+        # a wrong type
+        ("window = 5.5\n", r"defs\.toml:12: .*window must be a string in quotes or a whole number, not 5\.5"),
+        ('mostly = "all"\n', r"defs\.toml:12: .*mostly must be a number, not 'all'"),
+        # a parameter the kind does not take
+        ("q = 0.5\n", r"defs\.toml:8: metric 'jobs': kind 'count' has no parameter 'q' \(its parameters: none\)"),
+        ('value = "cpu"\n', "kind 'count' counts records; remove 'value'"),
+        ('where = "cpu is nul"\n', r"where 'cpu is nul' is not understood; write '<field> is null'"),
+        ('where = "tenant is null"\n', "field 'tenant' is not nullable, so this is always false"),
+    ],
+)
+def test_mistakes_in_a_definitions_file_are_refused_naming_key_and_line(
+    tmp_path: Path, extra: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_definitions(_file(tmp_path, BASE + extra))
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ('b = { type = "flaot" }', r"defs\.toml:6: \[dataset\.fields\.b\]: type is 'flaot'; input should be 'string'"),
+        (
+            'b = { type = "float", nulable = true }',
+            r"defs\.toml:6: .*nulable is not a known key \(did you mean 'nullable'",
+        ),
+        ('b = { type = "float", min = 5.0, max = 1.0 }', "field 'b': min 5.0 is above max 1.0"),
+        ('b = { type = "int", max_length = -1 }', r"max_length: Input should be greater than 0"),
+        ('b = { type = "string", nullable = "yes" }', "nullable must be true or false, not 'yes'"),
+    ],
+)
+def test_mistakes_in_fields_are_refused(tmp_path: Path, fields: str, message: str) -> None:
+    text = BASE.replace('cpu = { type = "float", min = 0.0, nullable = true }', fields)
+    with pytest.raises(ConfigError, match=message):
+        load_definitions(_file(tmp_path, text))
+
+
+def test_a_misspelt_table_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError, match=r"defs\.toml:1: the top level: datset is not a known key \(did you mean 'dataset'"
+    ):
+        load_definitions(_file(tmp_path, BASE.replace("[dataset]", "[datset]", 1)))
+
+
+def test_a_nullable_group_key_is_refused(tmp_path: Path) -> None:
+    text = BASE.replace('tenant = { type = "string" }', 'tenant = { type = "string", nullable = true }')
+    with pytest.raises(ConfigError, match="partition_key 'tenant' cannot be nullable"):
+        load_definitions(_file(tmp_path, text))
+
+
+def test_nullable_fields_and_where_clauses_say_which_records_a_metric_reads(tmp_path: Path) -> None:
+    text = BASE + '\n[[metric]]\nname = "cpu_sum"\nkind = "sum"\nvalue = "cpu * 2"\ngroup_by = ["tenant"]\n'
+    text += '\n[[metric]]\nname = "no_cpu"\nkind = "count"\nwhere = "cpu is null"\ngroup_by = ["tenant"]\n'
+    defs = load_definitions(_file(tmp_path, text))
+    jobs, cpu_sum, no_cpu = defs.metrics
+    rows = [{"tenant": "a", "cpu": 1.0}, {"tenant": "a", "cpu": None}]
+    assert [jobs.present(r) for r in rows] == [True, True] and jobs.reads_every_record
+    assert [cpu_sum.present(r) for r in rows] == [True, False] and cpu_sum.needs == ("cpu",)
+    assert [no_cpu.present(r) for r in rows] == [False, True]
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    assert cpu_sum.present_mask(frame).tolist() == [True, False]
+    assert no_cpu.present_mask(frame).tolist() == [False, True]
