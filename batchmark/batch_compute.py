@@ -27,6 +27,7 @@ import pandas as pd
 
 from batchmark.aggregates import Aggregate, text_codes
 from batchmark.definitions import Definitions, Metric, load_definitions
+from batchmark.windows import Calendar
 
 REJECT_COLUMN = "_reject_reason"
 FLAG_COLUMNS = ["_in_lake", "_copy", "_in_truth", "_watermark_ms"]
@@ -114,7 +115,9 @@ def _windows(
     row's window number in that order, and each window's start and group key. `cache` keeps what metrics
     with the same group keys (and window) share."""
     ts = pdf["event_time_ms"].to_numpy(dtype="int64")
-    starts = ts - ts % m.window_ms  # windows.window_start, element-wise
+    if ("windows", m.window_ms) not in cache:  # each row's window [start, end) in the dataset's calendar
+        cache[("windows", m.window_ms)] = cache["calendar"].windows(ts, m.window_ms)
+    starts, ends = cache[("windows", m.window_ms)]
     if m.group_by not in cache:
         cache[m.group_by] = pd.factorize(group_keys(pdf, m.group_by))
     codes, keys = cache[m.group_by]
@@ -127,7 +130,7 @@ def _windows(
     new[1:] = (s[1:] != s[:-1]) | (c[1:] != c[:-1])
     window = np.cumsum(new) - 1
     heads = np.flatnonzero(new)
-    return order, window, s[heads], np.asarray(keys, dtype=object)[c[heads]]
+    return order, window, s[heads], np.asarray(keys, dtype=object)[c[heads]], ends[order][heads]
 
 
 def _subset_values(
@@ -154,14 +157,16 @@ def _subset_values(
     return results, vals, bounds
 
 
-def window_accuracy(pdf: pd.DataFrame, metrics: list[Metric], stream: StreamValues) -> pd.DataFrame:
+def window_accuracy(
+    pdf: pd.DataFrame, metrics: list[Metric], stream: StreamValues, calendar: Calendar | None = None
+) -> pd.DataFrame:
     """Flagged records of some groups -> per (metric, group, window): truth, error and its attribution.
 
     Vectorized per metric: rows are ordered by window once, and each kind's ``exact_windows`` computes all
     windows of a subset (truth, first copies, landed, seen) at once; a subset equal to the truth in a window
     (the usual case) takes the truth's value instead of computing it again.
     """
-    cache: dict[Any, Any] = {}
+    cache: dict[Any, Any] = {"calendar": calendar or Calendar()}  # windows in the dataset's days (UTC by default)
     frames = [_metric_windows(pdf, m, stream, cache) for m in metrics]
     rows = [r for f in frames for r in f]
     return pd.DataFrame(rows, columns=TRUTH_COLUMNS + ACCURACY_COLUMNS)
@@ -174,18 +179,22 @@ def _metric_windows(pdf: pd.DataFrame, m: Metric, stream: StreamValues, cache: d
     labels = None
     if (m.value_expr, agg.input) not in cache:  # metrics over the same values compute them once
         raw = m.value_fn(pdf) if m.value_fn is not None else pd.Series(1.0, index=pdf.index)
+        if agg.input == "field" and m.value_type == "int" and raw.dtype.kind == "f":
+            raw = raw.astype("Int64")  # an int column with nulls arrives as floats: keep the stream's text, '3'
         cache[(m.value_expr, agg.input)] = (
             text_codes(raw.to_numpy(), sort=True) if agg.input == "field" else (raw.to_numpy(), None)
         )
     raw_values, labels = cache[(m.value_expr, agg.input)]
-    order, window, starts, keys = _windows(pdf, m, raw_values, agg.sorted_input, cache)
+    order, window, starts, keys, window_ends = _windows(pdf, m, raw_values, agg.sorted_input, cache)
     values = raw_values[order]
-    ts = pdf["event_time_ms"].to_numpy(dtype="int64")[order]
     in_lake = pdf["_in_lake"].to_numpy(dtype=bool)[order]
-    first = in_lake & (pdf["_copy"].to_numpy()[order] == 0)
     truth = pdf["_in_truth"].to_numpy(dtype=bool)[order]
+    if not m.reads_every_record:  # records the metric does not read (null value, outside its where) are not its
+        present = m.present_mask(pdf)[order]
+        in_lake, truth = in_lake & present, truth & present
+    first = in_lake & (pdf["_copy"].to_numpy()[order] == 0)
     watermark = pdf["_watermark_ms"].to_numpy(dtype="int64")[order]
-    late = in_lake & (watermark - m.allowed_lateness_ms >= ts - ts % m.window_ms + m.window_ms)
+    late = in_lake & (watermark - m.allowed_lateness_ms >= window_ends[window])
     seen = in_lake & ~late
     n_windows = len(starts)
     n_truth = np.bincount(window[truth], minlength=n_windows)
@@ -201,7 +210,7 @@ def _metric_windows(pdf: pd.DataFrame, m: Metric, stream: StreamValues, cache: d
     s_vals, s_bounds, s_differs = per_subset["seen"][1], per_subset["seen"][2], per_subset["seen"][3]
     rows = []
     for w in np.flatnonzero(emitted).tolist():
-        start, key = int(starts[w]), keys[w]
+        start, key, end = int(starts[w]), keys[w], int(window_ends[w])
         v_truth, d_truth = t_res[w]
         v = {n: (res[w][0] if differs[w] else v_truth) for n, (res, _, _, differs) in per_subset.items()}
         s_value, s_detail = stream.get((m.name, key, start), (None, None))
@@ -217,7 +226,7 @@ def _metric_windows(pdf: pd.DataFrame, m: Metric, stream: StreamValues, cache: d
                 m.name,
                 key,
                 start,
-                start + m.window_ms,
+                end,
                 float(v_truth),
                 int(n_truth[w]),
                 json.dumps(d_truth) if d_truth is not None else None,

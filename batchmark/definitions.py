@@ -17,7 +17,7 @@ from typing import Any
 
 from batchmark.drift import DriftSettings
 from batchmark.errors import ConfigError
-from batchmark.windows import DAY_MS
+from batchmark.windows import DAY_MS, Calendar
 
 FIELD_TYPES = ("string", "float", "int")
 RESERVED = {"event_id", "event_time_ms", "event_date", "_partition", "_offset"}
@@ -53,6 +53,7 @@ class FieldSpec:
     min: float | None = None
     max: float | None = None
     max_length: int = 256
+    nullable: bool = False  # a record may omit it or carry null (see docs/datasets.md for what metrics do then)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,13 @@ class Dataset:
     fields: tuple[FieldSpec, ...]
     min_event_time_ms: int
     max_event_time_ms: int
+    csv: Any = None  # batchmark.csv_source.CsvSpec: how a CSV file's rows become records ([dataset.csv])
+    timezone: str = "UTC"  # the zone of the dataset's days: lake partitions, the nightly day, day-aligned windows
+
+    @functools.cached_property
+    def calendar(self) -> Calendar:
+        """The dataset's days and windows in its time zone."""
+        return Calendar(self.timezone)
 
     @functools.cached_property
     def field_names(self) -> tuple[str, ...]:
@@ -173,6 +181,35 @@ class Metric:
     params: dict[str, Any] = field(default_factory=dict)
     value_fn: Callable[[dict[str, Any]], float] | None = field(default=None, compare=False, repr=False)
     value_sql: str | None = None
+    value_type: str | None = None  # the field's type, for kinds that read a field
+    where: str | None = None  # "<field> is null" / "<field> is not null": the only records the metric reads
+    # The nullable fields the value reads (a record with one of them null has no value for this metric) and the
+    # where clause, as (field, want_null): together they say whether a record counts for the metric.
+    needs: tuple[str, ...] = ()
+    where_rule: tuple[str, bool] | None = None
+
+    @property
+    def reads_every_record(self) -> bool:
+        """Whether every valid record counts for this metric (no where clause, no nullable input)."""
+        return not self.needs and self.where_rule is None
+
+    def present(self, record: dict[str, Any]) -> bool:
+        """Whether a clean record counts for this metric: the where clause holds and the value's fields are set.
+        Both engines use this rule (present_mask is its columnar form)."""
+        if self.where_rule is not None and (record.get(self.where_rule[0]) is None) != self.where_rule[1]:
+            return False
+        return all(record.get(f) is not None for f in self.needs)
+
+    def present_mask(self, frame: Any) -> Any:
+        """present() for every row of a pandas frame, as a numpy bool array."""
+        import numpy as np
+
+        mask = np.ones(len(frame), dtype=bool)
+        if self.where_rule is not None:
+            mask &= frame[self.where_rule[0]].isna().to_numpy() == self.where_rule[1]
+        for f in self.needs:
+            mask &= frame[f].notna().to_numpy()
+        return mask
 
 
 @dataclass(frozen=True)
@@ -207,13 +244,19 @@ def _dataset(raw: dict[str, Any]) -> Dataset:
         ftype = spec.get("type", "string")
         if ftype not in FIELD_TYPES:
             raise ConfigError(f"field {name!r} has type {ftype!r}; use one of {FIELD_TYPES}")
+        lo, hi = spec.get("min"), spec.get("max")
+        if lo is not None and hi is not None and lo > hi:
+            raise ConfigError(f"field {name!r}: min {lo} is above max {hi}")
+        if ftype == "string" and (lo is not None or hi is not None):
+            raise ConfigError(f"field {name!r}: min/max are for numbers; a string field takes max_length")
         fields.append(
             FieldSpec(
                 name=name,
                 type=ftype,
-                min=spec.get("min"),
-                max=spec.get("max"),
+                min=lo,
+                max=hi,
                 max_length=int(spec.get("max_length", 256)),
+                nullable=bool(spec.get("nullable", False)),
             )
         )
     if not fields:
@@ -226,10 +269,32 @@ def _dataset(raw: dict[str, Any]) -> Dataset:
         fields=tuple(fields),
         min_event_time_ms=parse_time_ms(raw.get("min_event_time", "2000-01-01T00:00:00Z")),
         max_event_time_ms=parse_time_ms(raw.get("max_event_time", "2100-01-01T00:00:00Z")),
+        csv=_csv(raw["csv"]) if raw.get("csv") is not None else None,
+        timezone=_zone(raw.get("timezone", "UTC")),
     )
     if ds.partition_key not in ds.field_names:
         raise ConfigError(f"partition_key {ds.partition_key!r} is not one of the fields")
+    if ds.field(ds.partition_key).nullable:
+        raise ConfigError(f"partition_key {ds.partition_key!r} cannot be nullable: every record needs a partition")
+    if ds.min_event_time_ms >= ds.max_event_time_ms:
+        raise ConfigError("min_event_time must be before max_event_time")
     return ds
+
+
+def _zone(name: str) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"timezone {name!r} is not an IANA time zone name, e.g. 'America/New_York'") from None
+    return name
+
+
+def _csv(raw: dict[str, Any]) -> Any:
+    from batchmark.csv_source import CsvSpec
+
+    return CsvSpec.from_table(raw)
 
 
 PARAMS = {  # kind -> (required, optional) parameters, given as keys of the [[metric]] entry
@@ -238,10 +303,16 @@ PARAMS = {  # kind -> (required, optional) parameters, given as keys of the [[me
     "topk": ((), ("k", "lg_max_map_size")),
     "binpack": (("capacity",), ()),
 }
+ALL_PARAMS = {k for required, optional in PARAMS.values() for k in (*required, *optional)}
+_WHERE = re.compile(r"^\s*([a-z][a-z0-9_]*)\s+is\s+(not\s+)?null\s*$", re.IGNORECASE)
 
 
 def _params(name: str, kind: str, raw: dict[str, Any]) -> dict[str, Any]:
     required, optional = PARAMS.get(kind, ((), ()))
+    for k in sorted(ALL_PARAMS - {*required, *optional}):
+        if k in raw:
+            takes = ", ".join((*required, *optional)) or "none"
+            raise ConfigError(f"metric {name!r}: kind {kind!r} has no parameter {k!r} (its parameters: {takes})")
     params = {k: raw[k] for k in (*required, *optional) if k in raw}
     for k in required:
         if k not in params:
@@ -273,6 +344,11 @@ def _metric(raw: dict[str, Any], ds: Dataset) -> Metric:
     for key in group_by:
         if key not in ds.field_names:
             raise ConfigError(f"metric {name!r}: group_by field {key!r} is not a dataset field")
+        if ds.field(key).nullable:
+            raise ConfigError(
+                f"metric {name!r}: group_by field {key!r} is nullable; a group key must always be set "
+                "(declare it without nullable, or group by another field)"
+            )
     if group_by and ds.partition_key not in group_by:
         raise ConfigError(
             f"metric {name!r}: group_by must include the partition key {ds.partition_key!r} "
@@ -286,6 +362,12 @@ def _metric(raw: dict[str, Any], ds: Dataset) -> Metric:
     numeric = {f.name for f in ds.fields if f.type in ("float", "int")}
     value_expr = raw.get("value")
     value_fn = value_sql = None
+    if agg.input == "none" and ("value" in raw or "field" in raw):
+        raise ConfigError(f"metric {name!r}: kind {kind!r} counts records; remove 'value'/'field'")
+    if agg.input == "number" and "field" in raw:
+        raise ConfigError(f'metric {name!r}: kind {kind!r} reads a number: write value = "...", not field')
+    if agg.input == "field" and "value" in raw:
+        raise ConfigError(f'metric {name!r}: kind {kind!r} reads a field: write field = "...", not value')
     if agg.input == "number":
         if not value_expr:
             raise ConfigError(f"metric {name!r}: kind {kind!r} needs a 'value' expression, e.g. value = \"cpu\"")
@@ -305,6 +387,25 @@ def _metric(raw: dict[str, Any], ds: Dataset) -> Metric:
         raise ConfigError(
             f"metric {name!r}: mostly (the share of windows that must be within tolerance) must be in (0, 1]"
         )
+    needs: tuple[str, ...] = ()
+    if value_expr:
+        read = {n.id for n in ast.walk(ast.parse(value_expr, mode="eval")) if isinstance(n, ast.Name)}
+        needs = tuple(sorted(f for f in read if ds.field(f).nullable))
+    where = raw.get("where")
+    where_rule = None
+    if where is not None:
+        wm = _WHERE.match(where)
+        if not wm or wm.group(1) not in ds.field_names:
+            raise ConfigError(
+                f"metric {name!r}: where {where!r} is not understood; write '<field> is null' or "
+                f"'<field> is not null' with a field of the dataset ({', '.join(ds.field_names)})"
+            )
+        if not ds.field(wm.group(1)).nullable:
+            raise ConfigError(
+                f"metric {name!r}: where {where!r}: field {wm.group(1)!r} is not nullable, so this is always "
+                f"{'false' if not wm.group(2) else 'true'}; declare it nullable = true or drop the where"
+            )
+        where_rule = (wm.group(1), not wm.group(2))
     return Metric(
         name=name,
         kind=kind,
@@ -317,6 +418,10 @@ def _metric(raw: dict[str, Any], ds: Dataset) -> Metric:
         params=params,
         value_fn=value_fn,
         value_sql=value_sql,
+        value_type=ds.field(value_expr).type if agg.input == "field" else None,
+        where=where,
+        needs=needs,
+        where_rule=where_rule,
     )
 
 
@@ -329,15 +434,30 @@ def _field_getter(name: str) -> Callable[[Any], Any]:
 
 def load_definitions(path: Path | str) -> Definitions:
     """Read and check a definitions file; every problem is reported with what to fix."""
+    from batchmark.definitions_schema import check_file
+
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        text = path.read_text()
+        raw = tomllib.loads(text)
     except FileNotFoundError:
         raise ConfigError(f"definitions file {path} does not exist (set BATCHMARK_DEFINITIONS)") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"definitions file {path} is not valid TOML: {exc}") from None
-    ds = _dataset(raw.get("dataset", {}))
-    metrics = tuple(_metric(m, ds) for m in raw.get("metric", []))
+    checked = check_file(raw, text, str(path))
+    from batchmark.definitions_schema import line_of
+
+    try:
+        ds = _dataset(checked.dataset.model_dump(exclude_unset=True))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}:{line_of(text, ('dataset',)) or 1}: {exc}") from None
+    metrics = []
+    for i, m in enumerate(checked.metric):
+        try:
+            metrics.append(_metric(m.model_dump(exclude_unset=True), ds))
+        except ConfigError as exc:
+            raise ConfigError(f"{path}:{line_of(text, ('metric', i)) or 1}: {exc}") from None
+    metrics = tuple(metrics)
     if not metrics:
         raise ConfigError(f"{path} defines no [[metric]]")
     names = [m.name for m in metrics]

@@ -12,7 +12,6 @@ from typing import Any
 
 from batchmark.aggregates import Aggregate, aggregate_for
 from batchmark.definitions import Definitions, Metric
-from batchmark.windows import is_closed, window_start
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,11 +53,14 @@ class PartitionState:
         self.watermark_ms = -(2**62)
         self.metrics = [_MetricState(m, aggregate_for(m.kind, m.params)) for m in defs.metrics]
         self.late_events = 0
+        self.calendar = defs.dataset.calendar  # day-aligned windows in the dataset's time zone
         # Metrics with the same window, lateness and grouping share one window start, closed test, group key
         # and window lookup per event: (size, lateness, group_by, members, rows). rows maps a window key to
         # the members' slots (the same lists as in each metric's own ``windows``). A member is (metric state,
-        # value fn, add, in-place update or None, new, leader): leader is the index of an earlier member whose
-        # state this one reads (same value, same sketch: one KLL serves p50, p95 and p99), else -1.
+        # value fn, add, in-place update or None, new, leader, present): leader is the index of an earlier member
+        # whose state this one reads (same value, same sketch: one KLL serves p50, p95 and p99), else -1; present
+        # says whether a record counts for the metric (None: all do). A window a metric read nothing in (every
+        # record null for it, or outside its where) has n = 0 and is never written, as in the batch truth.
         plan: dict[tuple[int, int, tuple[str, ...]], list[tuple[Any, ...]]] = {}
         rows_of: dict[tuple[int, int, tuple[str, ...]], dict[tuple[int, str], list[list[Any]]]] = {}
         owners: dict[tuple[Any, ...], int] = {}
@@ -70,9 +72,10 @@ class PartitionState:
             share = agg.shared_state_key()
             leader = -1
             if share is not None and m.value_expr is not None:
-                leader = owners.setdefault((grouping, m.value_expr, share), len(members))
+                leader = owners.setdefault((grouping, m.value_expr, m.where, share), len(members))
                 leader = -1 if leader == len(members) else leader
-            members.append((ms, m.value_fn, agg.add, agg.in_place_update(), agg.new, leader))
+            present = None if m.reads_every_record else m.present  # None: every record counts (the fast path)
+            members.append((ms, m.value_fn, agg.add, agg.in_place_update(), agg.new, leader, present))
         self._plan: list[tuple[int, int, tuple[str, ...], list[tuple[Any, ...]], dict[tuple[int, str], list]]] = [
             (size, late, keys, members, rows_of[(size, late, keys)]) for (size, late, keys), members in plan.items()
         ]
@@ -85,22 +88,30 @@ class PartitionState:
         """
         ts = event["event_time_ms"]
         wm = self.watermark_ms
+        utc = self.calendar.is_utc
         for size, lateness, keys, members, rows in self._plan:
-            start = window_start(ts, size)
-            if is_closed(start, size, lateness, wm):  # the event is late for these metrics
+            if utc:
+                start = ts - ts % size
+                end = start + size
+            else:
+                start, end = self.calendar.window(ts, size)
+            if wm - lateness >= end:  # closed (windows.is_closed): the event is late for these metrics
                 if count_late:
-                    for ms, *_ in members:
-                        ms.late[start] += 1
-                    self.late_events += len(members)
+                    for ms, *rest in members:
+                        if rest[-1] is None or rest[-1](event):
+                            ms.late[start] += 1
+                            self.late_events += 1
                 continue
             key = (start, group_key(event, keys))
             row = rows.get(key)
             if row is None:
                 row = rows[key] = []
-                for ms, _, _, _, agg_new, leader in members:
+                for ms, _, _, _, agg_new, leader, _ in members:
                     slot = ms.windows[key] = [agg_new() if leader < 0 else row[leader][0], 0, offset]
                     row.append(slot)
-            for (_, value_fn, agg_add, update, _, leader), slot in zip(members, row, strict=True):
+            for (_, value_fn, agg_add, update, _, leader, present), slot in zip(members, row, strict=True):
+                if present is not None and not present(event):
+                    continue
                 if leader < 0:
                     value = value_fn(event) if value_fn is not None else 1.0
                     if update is not None:
@@ -115,9 +126,15 @@ class PartitionState:
         """Whether some open window is closed under the current watermark (its result can be written)."""
         wm = self.watermark_ms
         for size, lateness, _, _, rows in self._plan:
-            if rows and is_closed(min(k[0] for k in rows), size, lateness, wm):
-                return True
+            if rows:
+                start = min(k[0] for k in rows)
+                if wm - lateness >= self.window_end(start, size):
+                    return True
         return False
+
+    def window_end(self, start_ms: int, size_ms: int) -> int:
+        """The end of the window of size_ms that starts at start_ms (shorter or longer on a DST change)."""
+        return start_ms + size_ms if self.calendar.is_utc else self.calendar.window_end(start_ms, size_ms)
 
     def advance(self, watermark_ms: int) -> None:
         """Move the watermark forward (e.g. an end-of-stream punctuation); never backwards."""
@@ -135,9 +152,11 @@ class PartitionState:
         for i, ms in enumerate(self.metrics):
             m = ms.metric
             for k, (state, n, _) in ms.windows.items():
-                if flush_all or is_closed(k[0], m.window_ms, m.allowed_lateness_ms, wm):
-                    value, detail = ms.agg.result(state)
-                    out.append(WindowResult(m.name, k[1], k[0], k[0] + m.window_ms, value, n, detail))
+                end = self.window_end(k[0], m.window_ms)
+                if flush_all or wm - m.allowed_lateness_ms >= end:
+                    if n:  # n = 0: the metric read no record here (see present), so there is no value to write
+                        value, detail = ms.agg.result(state)
+                        out.append(WindowResult(m.name, k[1], k[0], end, value, n, detail))
                     keys.append((i, k))
         return out, keys
 
@@ -148,10 +167,12 @@ class PartitionState:
         group key, start) is not in it): a snapshot, the windows stay open."""
         skip = set(exclude)
         return [
-            WindowResult(ms.metric.name, k[1], k[0], k[0] + ms.metric.window_ms, *ms.agg.result(state)[:1], n)
+            WindowResult(
+                ms.metric.name, k[1], k[0], self.window_end(k[0], ms.metric.window_ms), *ms.agg.result(state)[:1], n
+            )
             for i, ms in enumerate(self.metrics)
             for k, (state, n, _) in ms.windows.items()
-            if (i, k) not in skip and (known is None or (ms.metric.name, k[1], k[0]) not in known)
+            if n and (i, k) not in skip and (known is None or (ms.metric.name, k[1], k[0]) not in known)
         ]
 
     def forget(self, keys: list[tuple[int, tuple[int, str]]]) -> None:

@@ -135,9 +135,9 @@ def validate_record(obj: dict[str, Any], ds: Dataset) -> dict[str, Any] | Reject
 
 
 def _check_field(spec: FieldSpec, value: Any) -> Any:
-    """One field's value, typed, or the reason it is refused."""
+    """One field's value, typed, or the reason it is refused (None stays None for a nullable field)."""
     if value is None:
-        return Rejection("missing_field", f"missing {spec.name}")
+        return None if spec.nullable else Rejection("missing_field", f"missing {spec.name}")
     if spec.type == "string":
         if not isinstance(value, str):
             return Rejection("wrong_type", f"{spec.name} must be a string, got {type(value).__name__}")

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchmark.definitions import Dataset
-from batchmark.windows import day_bounds_ms, day_of
+from batchmark.windows import Calendar
 
 _ARROW_TYPES = {"string": pa.string(), "float": pa.float64(), "int": pa.int64()}
 
@@ -74,8 +74,9 @@ class LakeWriter:
         ts = event["event_time_ms"]
         cur = self._day
         if cur is None or not cur[0] <= ts < cur[1]:
-            day = day_of(ts)
-            start, end = day_bounds_ms(day)
+            cal = self.ds.calendar
+            day = cal.day_of(ts)
+            start, end = cal.day_bounds_ms(day)
             cur = self._day = (start, end, self._rows[day])
         cur[2].append((*self._values(event), offset, watermark_ms))
 
@@ -123,10 +124,12 @@ def read_watermarks(root: Path, topic: str) -> dict[int, int]:
     return out
 
 
-def day_completeness(root: Path, topic: str, day: date, partitions: int, lateness_ms: int) -> tuple[bool, str]:
-    """Whether the stream has landed all of a day, and a sentence saying why not."""
+def day_completeness(
+    root: Path, topic: str, day: date, partitions: int, lateness_ms: int, calendar: Calendar | None = None
+) -> tuple[bool, str]:
+    """Whether the stream has landed all of a day (a local day with a calendar), and a sentence saying why not."""
     marks = read_watermarks(root, topic)
-    _, end = day_bounds_ms(day)
+    _, end = (calendar or Calendar()).day_bounds_ms(day)
     missing = [p for p in range(partitions) if p not in marks]
     if missing:
         return False, f"partitions {missing} have not reported a watermark yet"

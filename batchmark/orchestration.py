@@ -3,10 +3,11 @@
 A DAG file imports these so that every DAG agrees on them; nothing here runs at import time beyond building
 small Airflow objects (the DAG processor imports DAG files often).
 
-Days. ``nightly_recompute`` runs on a cron *data-interval* timetable: the run that starts at midnight UTC of
-day D covers the interval [D-1, D), so its logical date is D-1 and that is the day it checks -- the day that
-has just ended. A run triggered with the ``date`` Param checks that day; a manual run without one checks the
-day before it was triggered. The run's note says which day it checks (set by the plugin in
+Days. ``nightly_recompute`` runs on a cron *data-interval* timetable in the dataset's time zone (UTC unless
+``[dataset] timezone`` says otherwise): the run that starts at local midnight of day D covers the interval
+[D-1, D), so its logical date is D-1 and that is the day it checks -- the day that has just ended. A run
+triggered with the ``date`` Param checks that day; a manual run without one checks the day before it was
+triggered. The run's note says which day it checks (set by the plugin in
 ``batchmark.airflow_plugin`` when the run starts), so the runs list shows it.
 """
 
@@ -16,9 +17,9 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from batchmark.errors import ConfigError, ServiceUnavailable
+from batchmark.errors import BatchmarkError, ConfigError, ServiceUnavailable
 
-# The nightly schedule: midnight UTC, one data interval per UTC day.
+# The nightly schedule: midnight of the dataset's time zone, one data interval per day.
 NIGHTLY_CRON = "0 0 * * *"
 TRUTH_ASSET_URI = "batchmark://truth/results"
 ACCURACY_ASSET_URI = "batchmark://quality/accuracy_history"
@@ -31,19 +32,36 @@ def day_for_run(
     date_param: str | None,
     data_interval_start: datetime | None,
     run_after: datetime | None = None,
+    zone: str | None = None,
 ) -> date:
-    """The day a run checks: the ``date`` Param, else its data interval's start day, else the day before it ran.
+    """The day a run checks: the ``date`` Param, else its data interval's start day, else the day before it ran
+    -- days of the dataset's time zone (``[dataset] timezone``; `zone` overrides it).
 
     ``date_param`` is refused with a message that says what to fix when it is not a real day.
     """
+    from zoneinfo import ZoneInfo
+
     from batchmark.windows import parse_day
 
     if date_param:
         return parse_day(date_param)
+    tz = ZoneInfo(zone or dataset_timezone())
     if data_interval_start is not None:
-        return data_interval_start.astimezone(UTC).date()
+        return data_interval_start.astimezone(tz).date()
     after = run_after or datetime.now(tz=UTC)
-    return after.astimezone(UTC).date() - timedelta(days=1)
+    return after.astimezone(tz).date() - timedelta(days=1)
+
+
+def dataset_timezone() -> str:
+    """The time zone of the configured dataset's days; UTC when the definitions do not load (the task that
+    needs them fails with their error instead)."""
+    from batchmark import config
+    from batchmark.definitions import load_definitions
+
+    try:
+        return load_definitions(config.load().definitions_path).dataset.timezone
+    except BatchmarkError:
+        return "UTC"
 
 
 def days_from_asset_events(events: Iterable[Mapping[str, Any] | None]) -> list[date]:

@@ -1,6 +1,7 @@
 """nightly_recompute: every night, Spark recomputes the day that has just ended -- the batch truth.
 
-**Which day.** The run that starts at midnight UTC checks the day that has just ended: its data interval is
+**Which day.** The run that starts at midnight (of the dataset's time zone, UTC by default) checks the day
+that has just ended: its data interval is
 that day, its logical date is that day's midnight, and it is named `scheduled__YYYY-MM-DD` after that day.
 Trigger it with the `date` Param (a date picker; only real days are accepted) to recompute any other day:
 the run is named `manual__YYYY-MM-DD__<trigger time>`; without a date a manual run takes the day before it
@@ -42,7 +43,7 @@ TRUTH = orchestration.truth_asset()
 with DAG(
     dag_id="nightly_recompute",
     description="Spark recompute of the day that has ended: the batch truth the stream is judged against",
-    schedule=NightlyTimetable(orchestration.NIGHTLY_CRON, timezone="UTC"),
+    schedule=NightlyTimetable(orchestration.NIGHTLY_CRON, timezone=orchestration.dataset_timezone()),
     start_date=datetime(2026, 1, 1, tzinfo=UTC),
     catchup=False,
     max_active_runs=4,
@@ -63,7 +64,9 @@ with DAG(
         defs = load_definitions(settings.definitions_path)
         day = orchestration.context_day()
         lateness = max(m.allowed_lateness_ms for m in defs.metrics)
-        done, why = day_completeness(settings.events_lake, settings.events_topic, day, settings.partitions, lateness)
+        done, why = day_completeness(
+            settings.events_lake, settings.events_topic, day, settings.partitions, lateness, defs.dataset.calendar
+        )
         print(f"{day}: {why}")
         return PokeReturnValue(is_done=done, xcom_value=day.isoformat())
 

@@ -27,8 +27,9 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaError
 
 from batchmark import config, storage
+from batchmark.broker import create_topics_async, settings_topics
 from batchmark.definitions import load_definitions
-from batchmark.errors import ServiceUnavailable
+from batchmark.errors import ConfigError, ServiceUnavailable
 from batchmark.stream_processor import Seek, StreamProcessor
 
 log = logging.getLogger("batchmark.worker")
@@ -160,6 +161,15 @@ async def _fetch_events() -> None:
     and a batch fetched before a rebalance is filtered by the processor's ownership and offset checks.
     """
     global _consumer
+    try:  # the topics with their configured partitions, before subscribing (never the broker's auto-created 1)
+        await create_topics_async(settings.bootstrap_servers, settings_topics(settings), keyed=(settings.events_topic,))
+    except ConfigError as exc:  # a topic with another partition count: say what to change, and stop
+        log.critical("stream worker cannot start: %s", exc)
+        logging.shutdown()
+        os._exit(2)
+    except Exception as exc:  # noqa: BLE001
+        _fatal(exc)
+        return
     consumer = _consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.bootstrap_servers,
         group_id=EVENTS_GROUP,
@@ -203,7 +213,7 @@ async def process_events(stream: faust.StreamT) -> None:
                 for tp, records in batch.records.items():
                     p = tp.partition
                     for r in records:
-                        out = processor.process(p, r.offset, r.key, r.value)
+                        out = processor.process(p, r.offset, r.key, r.value, r.timestamp)
                         if isinstance(out, Seek):
                             log.info("partition %d: offset %d came ahead of %d; going back", p, r.offset, out.offset)
                             _consumer.seek(tp, out.offset)
@@ -275,8 +285,6 @@ class _BenchStats:
         """(window, close time) of the windows the coming checkpoint will write."""
         import bisect
 
-        from batchmark.windows import is_closed
-
         out = []
         for p, rt in processor.partitions.items():
             hist = self.history.get(p, [])
@@ -284,9 +292,10 @@ class _BenchStats:
             for i, ms in enumerate(rt.state.metrics):
                 m = ms.metric
                 for start in {k[0] for k in ms.windows}:
-                    if (p, i, start) in self.seen or not is_closed(start, m.window_ms, m.allowed_lateness_ms, wm):
+                    closes_at = rt.state.window_end(start, m.window_ms) + m.allowed_lateness_ms
+                    if (p, i, start) in self.seen or wm < closes_at:
                         continue
-                    j = bisect.bisect_left(hist, (start + m.window_ms + m.allowed_lateness_ms, 0.0))
+                    j = bisect.bisect_left(hist, (closes_at, 0.0))
                     if j < len(hist):
                         out.append(((p, i, start), hist[j][1]))
         return out

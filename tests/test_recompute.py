@@ -94,6 +94,30 @@ def test_rejection_column_agrees_with_validate_record(session) -> None:  # noqa:
     assert got == want
 
 
+def test_rejection_column_lets_nulls_through_nullable_fields_only(session) -> None:  # noqa: ANN001
+    from dataclasses import replace
+
+    ds = DEFS.dataset
+    nullable = {"user", "cpu"}
+    ds = replace(ds, fields=tuple(replace(f, nullable=f.name in nullable) for f in ds.fields))
+    cols = ["event_id", "event_time_ms", *ds.field_names]
+    ok = dict(_rows()[0])
+    rows = [{**ok, "event_id": f"n{i}", **v} for i, v in enumerate(
+        [{"user": None}, {"cpu": None}, {"user": None, "cpu": None}, {"mem_gb": None}, {"cpu": -1.0}, {"user": ""}]
+    )]  # fmt: skip
+    schema = "event_id string, event_time_ms bigint, tenant string, user string, job_id string, cpu double, " \
+             "mem_gb double, duration_s double"  # fmt: skip
+    df = session.createDataFrame([tuple(r[c] for c in cols) for r in rows], schema)
+    got = [r[0] for r in df.select(rejection_column(ds)).collect()]
+    want = []
+    for r in rows:
+        fields = {n: r[n] for n in ds.field_names}
+        result = validate_record({ds.event_id: r["event_id"], ds.event_time: r["event_time_ms"], **fields}, ds)
+        want.append(result.reason if isinstance(result, Rejection) else "")
+    assert want == ["", "", "", "missing_field", "out_of_range", "out_of_range"]
+    assert got == want
+
+
 def test_spark_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BATCHMARK_SPARK_SHUFFLE_PARTITIONS", "3")
     monkeypatch.setenv("BATCHMARK_SPARK_EXECUTOR_MEMORY", "3g")
