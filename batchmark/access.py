@@ -4,9 +4,9 @@
 role                   writes                                      reads
 =====================  ==========================================  =============================================
 ``batchmark_stream``   stream.* (results, late_events,             stream.*
-                       checkpoints)
+                       checkpoints, rejections, redriven)
 ``batchmark_batch``    truth.results, truth.staging,               stream.results (the stream's values beside
-                       quality.window_accuracy                     the truth), truth.results,
+                       truth.recomputed, quality.window_accuracy   the truth), truth.results,
                                                                    quality.window_accuracy
 ``batchmark_quality``  quality.metrics, quality.accuracy_history,  quality.* (incl. the view quality.comparison),
                        quality.task_failures                       truth.results, stream.results
@@ -61,11 +61,14 @@ TABLES: dict[str, dict[tuple[str, str], tuple[str, ...]]] = {
         ("stream", "late_events"): WRITE,
         ("stream", "checkpoints"): WRITE,
         ("stream", "open_windows"): WRITE,
+        ("stream", "rejections"): WRITE,
+        ("stream", "redriven"): WRITE,
     },
     BATCH: {
         ("stream", "results"): READ,
         ("truth", "results"): WRITE,
         ("truth", "staging"): WRITE,
+        ("truth", "recomputed"): WRITE,
         ("quality", "window_accuracy"): WRITE,
         ("quality", "rejections"): WRITE,
     },
@@ -82,6 +85,9 @@ TABLES: dict[str, dict[tuple[str, str], tuple[str, ...]]] = {
         ("quality", "alert_deliveries"): WRITE,
         ("quality", "alert_status"): READ,
         ("stream", "open_windows"): READ,
+        ("stream", "rejections"): READ,
+        ("truth", "recomputed"): READ,
+        ("quality", "rejected_per_day"): READ,
     },
 }
 SEQUENCES: dict[str, tuple[tuple[str, str], ...]] = {

@@ -2,7 +2,7 @@
 Airflow notifiers from an outbox.
 
 - :func:`evaluate_day` reads ``quality.accuracy_history`` (the newest validation of each day) and
-  ``quality.rejections``, lets :mod:`batchmark.drift` replay each (metric, check) state up to the day, and
+  ``quality.rejected_per_day``, lets :mod:`batchmark.drift` replay each (metric, check) state up to the day, and
   records the day's transitions in ``quality.alerts`` -- idempotent: evaluating a day again adds nothing. An
   alert equal to one recorded in the previous ``suppress_days`` days is kept but not sent (flapping).
 - Each alert gets one ``quality.alert_deliveries`` row per channel (an Airflow connection named in
@@ -79,7 +79,7 @@ def history(url: str, until: date) -> tuple[dict[str, list[dict[str, Any]]], dic
         cur.execute(_HISTORY_SQL, (until,))
         names = [c.name for c in cur.description]
         rows = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
-        cur.execute("SELECT day, sum(records) FROM quality.rejections WHERE day <= %s GROUP BY day", (until,))
+        cur.execute("SELECT day, records FROM quality.rejected_per_day WHERE day <= %s", (until,))
         rejected = {d: int(n) for d, n in cur.fetchall()}
     by_metric: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:

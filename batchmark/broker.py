@@ -14,6 +14,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from batchmark.errors import ServiceUnavailable
 
@@ -136,9 +137,14 @@ def check_reachable(bootstrap: str) -> None:
         )
 
 
-async def create_topics_async(bootstrap: str, topics: dict[str, int]) -> None:
-    """Create topics with the given partition counts; existing ones are left as they are."""
+async def create_topics_async(bootstrap: str, topics: dict[str, int], keyed: tuple[str, ...] = ()) -> None:
+    """Make sure every topic exists: missing ones are created with their partition count (never left to the
+    broker's auto-creation, whose count is the broker's default); an existing `keyed` topic (one whose records
+    are placed by key, like the events topic) with another count is refused with what to change."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError
+
+    from batchmark.errors import ConfigError
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
     await admin.start()
@@ -148,11 +154,31 @@ async def create_topics_async(bootstrap: str, topics: dict[str, int]) -> None:
             NewTopic(name, num_partitions=n, replication_factor=1) for name, n in topics.items() if name not in existing
         ]
         if new:
-            await admin.create_topics(new)
+            with contextlib.suppress(TopicAlreadyExistsError):  # created meanwhile: its count is checked below
+                await admin.create_topics(new)
+        found = {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics(list(keyed))} if keyed else {}
     finally:
         await admin.close()
+    for name in keyed:
+        have, want = found.get(name), topics[name]
+        if have is not None and have != want:
+            raise ConfigError(
+                f"topic {name!r} has {have} partitions at {bootstrap} but the configuration says {want}: set "
+                f"BATCHMARK_PARTITIONS={have} to use it as it is, or name a new topic (BATCHMARK_EVENTS_TOPIC)"
+            )
 
 
-def create_topics(bootstrap: str, topics: dict[str, int]) -> None:
+def create_topics(bootstrap: str, topics: dict[str, int], keyed: tuple[str, ...] = ()) -> None:
+    """create_topics_async, from synchronous code."""
     check_reachable(bootstrap)
-    asyncio.run(create_topics_async(bootstrap, topics))
+    asyncio.run(create_topics_async(bootstrap, topics, keyed))
+
+
+def ensure_settings_topics(settings: Any) -> None:
+    """The events topic (its configured partitions, checked) and its dead-letter topic, created when missing."""
+    create_topics(settings.bootstrap_servers, settings_topics(settings), keyed=(settings.events_topic,))
+
+
+def settings_topics(settings: Any) -> dict[str, int]:
+    """{topic: partitions} of a deployment: the events topic and its dead-letter topic."""
+    return {settings.events_topic: settings.partitions, settings.dlq_topic: 1}

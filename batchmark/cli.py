@@ -86,12 +86,12 @@ def cmd_broker(args: argparse.Namespace) -> int:
     import signal
     import time
 
-    from batchmark.broker import EmbeddedBroker, create_topics
+    from batchmark.broker import EmbeddedBroker, create_topics, settings_topics
 
     s = config.load()
     signal.signal(signal.SIGTERM, _sigterm_stops)  # SIGTERM stops the Tansu child too, like Ctrl-C
     with EmbeddedBroker(port=args.port) as broker:
-        create_topics(broker.bootstrap, {s.events_topic: s.partitions, s.dlq_topic: 1})
+        create_topics(broker.bootstrap, settings_topics(s), keyed=(s.events_topic,))
         print(f"embedded broker on {broker.bootstrap} (topics {s.events_topic}, {s.dlq_topic}); Ctrl-C stops it")
         print(f"export KAFKA_BOOTSTRAP_SERVERS={broker.bootstrap}", flush=True)
         try:
@@ -103,10 +103,10 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
-    from batchmark.broker import create_topics
+    from batchmark.broker import ensure_settings_topics
 
     s = config.load()
-    create_topics(s.bootstrap_servers, {s.events_topic: s.partitions, s.dlq_topic: 1})
+    ensure_settings_topics(s)
     print(f"topics {s.events_topic} ({s.partitions} partitions) and {s.dlq_topic} exist on {s.bootstrap_servers}")
     return 0
 
@@ -125,6 +125,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    from batchmark.broker import create_topics
     from batchmark.definitions import load_definitions
     from batchmark.replay import replay
 
@@ -132,15 +133,91 @@ def cmd_replay(args: argparse.Namespace) -> int:
     path = Path(args.file)
     if not path.exists():
         raise ConfigError(f"{path} does not exist")
-    stats = replay(
-        path,
-        s.bootstrap_servers,
-        args.topic or s.events_topic,
-        load_definitions(s.definitions_path),
-        rate=args.rate,
-        end_watermark=not args.no_end_watermark,
-    )
-    print(f"replayed {stats.records} records in {stats.seconds:.1f}s")
+    topic = args.topic or s.events_topic
+    defs = load_definitions(s.definitions_path)
+    create_topics(s.bootstrap_servers, {topic: s.partitions}, keyed=(topic,))
+    stats = replay(path, s.bootstrap_servers, topic, defs, rate=args.rate, end_watermark=not args.no_end_watermark)
+    print(f"replayed {stats.records} records in {stats.seconds:.1f}s to {topic}")
+    if stats.rejected:
+        reasons = ", ".join(f"{reason} {n}" for reason, n in stats.rejected.most_common())
+        print(
+            f"{sum(stats.rejected.values())} of them do not fit {defs.source} and go to the dead-letter topic "
+            f"({reasons}); e.g. {stats.example}. `batchmark dlq` lists them."
+        )
+    return 0
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from batchmark import dlq, storage
+
+    s = config.load()
+    topic = args.topic or s.dlq_topic
+    letters = dlq.read(s.bootstrap_servers, topic, reason=args.reason, contains=args.contains)
+    if args.show:
+        return _dlq_show(topic, letters, set(args.show))
+    storage.ensure_database(s.database_url)
+    storage.init_schema(s.database_url)
+    if args.redrive:
+        return _dlq_redrive(s, topic, letters, args.redrive)
+    return _dlq_list(s, topic, letters, args.limit)
+
+
+def _dlq_show(topic: str, letters: list, wanted: set[str]) -> int:
+    """`batchmark dlq --show P ...`: each chosen dead letter whole."""
+    from batchmark import dlq
+
+    picked = [d for d in letters if d.position in wanted]
+    unknown = wanted - {d.position for d in picked}
+    if unknown:
+        raise ConfigError(f"no dead letter at {', '.join(sorted(unknown))} in {topic} (see `batchmark dlq`)")
+    for d in picked:
+        print(f"dead letter {d.position} of {topic}")
+        print(f"  reason   {d.reason}: {d.detail}")
+        print(f"  from     {d.topic} partition {d.partition} offset {d.offset}")
+        cut = " (cut: only the first part was kept)" if d.truncated else ""
+        print(f"  raw      {d.raw_bytes} bytes{cut}")
+        print(f"  preview  {dlq.preview(d.raw, limit=2000)}")
+    return 0
+
+
+def _dlq_redrive(s: config.Settings, topic: str, letters: list, positions: list[str]) -> int:
+    """`batchmark dlq --redrive P ...|all`: send the chosen ones the definitions now accept back, once each."""
+    from batchmark import dlq
+    from batchmark.definitions import load_definitions
+
+    chosen = letters if positions == ["all"] else [d for d in letters if d.position in set(positions)]
+    if not chosen:
+        raise ConfigError("nothing to re-drive: name positions from `batchmark dlq` (e.g. 0:12), or 'all'")
+    defs = load_definitions(s.definitions_path)
+    out = dlq.redrive(s.database_url, s.bootstrap_servers, topic, s.events_topic, defs, chosen)
+    for pos, event_id in out.sent.items():
+        print(f"re-driven {pos} -> {s.events_topic} (event id {event_id})")
+    for pos, why in out.skipped.items():
+        print(f"not re-driven {pos}: {why}")
+    print(f"{len(out.sent)} re-driven, {len(out.skipped)} not")
+    return 0 if out.sent else 1
+
+
+def _dlq_list(s: config.Settings, topic: str, letters: list, limit: int) -> int:
+    """`batchmark dlq`: the count by reason, then the last `limit` dead letters, a line each."""
+    from collections import Counter
+
+    from batchmark import dlq
+
+    done = dlq.redriven_positions(s.database_url, topic)
+    shown = letters[-limit:]
+    more = f" (the last {len(shown)} shown)" if len(shown) < len(letters) else ""
+    print(f"{len(letters)} dead letters in {topic}{more}")
+    if letters:
+        counts = Counter(d.reason for d in letters)
+        print("by reason: " + ", ".join(f"{r} {n}" for r, n in counts.most_common()))
+        print(f"{'position':>10}  {'reason':<15} {'from':<14} detail | raw preview")
+    for d in shown:
+        mark = " [re-driven]" if d.position in done else ""
+        print(
+            f"{d.position:>10}  {d.reason:<15} {f'{d.partition}:{d.offset}':<14} "
+            f"{dlq.preview(d.detail.encode(), 60)} | {dlq.preview(d.raw, 80)}{mark}"
+        )
     return 0
 
 
@@ -323,6 +400,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topic", default=None)
     p.add_argument("--no-end-watermark", action="store_true", help="do not close the replayed days at the end")
     p.set_defaults(fn=cmd_replay)
+
+    p = sub.add_parser(
+        "dlq",
+        help="list, show and re-drive dead letters (records the worker rejected, with their reason)",
+        description="Without options: every dead letter, a line each (position, reason, source partition:offset, "
+        "detail, a safe preview of the raw bytes). --show prints chosen ones whole; --redrive sends chosen ones "
+        "back to the events topic once the definitions accept them (byte for byte: same event id; each once).",
+    )
+    p.add_argument("--reason", help="only this reason, e.g. missing_field")
+    p.add_argument("--contains", help="only dead letters whose detail or raw bytes contain this text")
+    p.add_argument("--limit", type=_positive, default=50, help="show the last N (default 50)")
+    p.add_argument("--show", nargs="+", metavar="POSITION", help="print these dead letters whole, e.g. 0:12")
+    p.add_argument(
+        "--redrive", nargs="+", metavar="POSITION", help="re-drive these positions, or 'all' (of the filter)"
+    )
+    p.add_argument("--topic", help="the dead-letter topic (default BATCHMARK_DLQ_TOPIC, i.e. <events topic>.dlq)")
+    p.set_defaults(fn=cmd_dlq)
 
     p = sub.add_parser("worker", help="run the Faust stream worker (faust -A streaming.app worker)")
     p.add_argument("--loglevel", default="info", choices=["debug", "info", "warning", "error"])

@@ -7,6 +7,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from batchmark.errors import ConfigError
 
@@ -115,6 +116,12 @@ class Settings:
                 return "postgresql+psycopg2://" + url[len(prefix) :]
         return url
 
+    def gx_project(self, dataset: str) -> Path:
+        """The GX project of a dataset in this database: generated under gx_root (the runtime home), from the
+        repository's hand-written template (expectations/great_expectations.yml), never in the repository."""
+        db = urlsplit(self.database_url).path.lstrip("/") or "postgres"
+        return self.gx_root / f"{dataset}-{db}"
+
     @property
     def events_lake(self) -> Path:
         return self.lake / "events"
@@ -136,6 +143,7 @@ def default_database_url(home: Path) -> str:
 def load() -> Settings:
     """Read the settings from the environment (defaults: everything on 127.0.0.1 under ./.batchmark)."""
     home = Path(_env("BATCHMARK_HOME", str(REPO_ROOT / ".batchmark"))).resolve()
+    events_topic = _env("BATCHMARK_EVENTS_TOPIC", "events")
     return Settings(
         home=home,
         bootstrap_servers=_env("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092"),
@@ -144,10 +152,10 @@ def load() -> Settings:
         spark_master=_env("SPARK_MASTER", "local[*]"),
         airflow_home=Path(_env("AIRFLOW_HOME", str(home / "airflow"))).resolve(),
         definitions_path=Path(_env("BATCHMARK_DEFINITIONS", str(REPO_ROOT / "batchmark" / "metrics.toml"))),
-        gx_root=Path(_env("BATCHMARK_GX_ROOT", str(REPO_ROOT / "expectations"))).resolve(),
+        gx_root=Path(_env("BATCHMARK_GX_ROOT", str(home / "gx"))).resolve(),
         archive=Path(_env("BATCHMARK_ARCHIVE", str(home / "archive"))).resolve(),
-        events_topic=_env("BATCHMARK_EVENTS_TOPIC", "events"),
-        dlq_topic=_env("BATCHMARK_DLQ_TOPIC", "events.dlq"),
+        events_topic=events_topic,
+        dlq_topic=_env("BATCHMARK_DLQ_TOPIC", f"{events_topic}.dlq"),  # each events topic has its own
         partitions=int(_env("BATCHMARK_PARTITIONS", "2")),
         spark=_spark_settings(),
         alert_channels=tuple(c.strip() for c in _env("BATCHMARK_ALERT_CHANNELS", "").split(",") if c.strip()),

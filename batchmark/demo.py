@@ -19,7 +19,7 @@ from pathlib import Path
 
 from batchmark import config, storage
 from batchmark.airflow_env import airflow_bin, airflow_env, migrate
-from batchmark.broker import EmbeddedBroker, create_topics
+from batchmark.broker import EmbeddedBroker, ensure_settings_topics
 from batchmark.config import REPO_ROOT, Settings
 from batchmark.definitions import Definitions, load_definitions
 from batchmark.errors import BatchmarkError
@@ -92,12 +92,16 @@ def wait_for_day(
     log_path: Path,
     timeout_s: float = 900,
 ) -> float:
-    """Block until every partition has landed and closed the day; returns the seconds waited."""
+    """Block until every partition has landed and closed the day (a day of the dataset's calendar); returns the
+    seconds waited."""
+    calendar = load_definitions(settings.definitions_path).dataset.calendar
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout_s:
         if worker.poll() is not None:
             raise BatchmarkError(f"the stream worker exited with code {worker.returncode}; see {log_path}")
-        done, _ = day_completeness(settings.events_lake, settings.events_topic, day, settings.partitions, lateness_ms)
+        done, _ = day_completeness(
+            settings.events_lake, settings.events_topic, day, settings.partitions, lateness_ms, calendar
+        )
         if done:
             return time.monotonic() - t0
         time.sleep(0.5)
@@ -170,7 +174,7 @@ def run_demo(day: date, gen: GeneratorConfig, keep: bool = False) -> int:
             f"[1/5] broker {settings.bootstrap_servers} ({'embedded Tansu' if broker else 'external'}), "
             f"postgres {storage.db_name(settings.database_url)}, home {home} (the demo's own)"
         )
-        create_topics(settings.bootstrap_servers, {settings.events_topic: settings.partitions, settings.dlq_topic: 1})
+        ensure_settings_topics(settings)
         if started_broker:
             reset_stream_epoch(settings, day)
             print(f"      a fresh broker: {day}'s earlier stream results and lake files are replaced by this run")
@@ -215,7 +219,7 @@ def run_demo(day: date, gen: GeneratorConfig, keep: bool = False) -> int:
             "task seconds: " + ", ".join(f"{t} {s:.1f}" for t, s in tasks.items())
         )
 
-        summary = latest_accuracy(settings.database_url, day)
+        summary = latest_accuracy(settings.database_url, day, settings.events_topic)
         print(f"[5/5] {summary['line']}")
         print(f"      validation report: {summary['report']}")
         raised = day_alerts(settings.database_url, day)
@@ -271,9 +275,10 @@ def task_seconds(settings: Settings, dag_id: str) -> dict[str, float]:
     return {task: round(s, 1) for task, s in rows if s is not None}
 
 
-def latest_accuracy(url: str, day: date) -> dict[str, object]:
-    """The newest validation of a day from quality.accuracy_history, as one line (validation's one wording)."""
-    from batchmark.validation import MetricAccuracy, summary_line
+def latest_accuracy(url: str, day: date, topic: str = "events") -> dict[str, object]:
+    """The newest validation of a day from quality.accuracy_history, as one line (validation's one wording),
+    with the day's rejected records."""
+    from batchmark.validation import MetricAccuracy, rejections_text, summary_line
 
     with storage.transaction(url) as cur:
         cur.execute(
@@ -286,12 +291,13 @@ def latest_accuracy(url: str, day: date) -> dict[str, object]:
             (day, day),
         )
         rows = cur.fetchall()
+        rejected = storage.day_rejections(cur, day, topic)
     if not rows:
         return {"line": f"no validation recorded for {day}", "report": "-", "success": False, "windows": 0}
     metrics = [MetricAccuracy(*r[:12], incomplete=r[12], impossible=r[13]) for r in rows]
     ok = all(m.success for m in metrics)
     return {
-        "line": summary_line(day, ok, metrics),
+        "line": summary_line(day, ok, metrics) + "; " + rejections_text(rejected),
         "report": rows[0][14],
         "success": ok,
         "windows": sum(m.windows for m in metrics),

@@ -9,18 +9,19 @@ days are over, so they close the last windows (history has no 'later events' to 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import time
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
 from tqdm import tqdm
 
 from batchmark.definitions import Dataset, Definitions
-from batchmark.events import parse_event_time
-from batchmark.windows import DAY_MS
+from batchmark.events import Rejection, decode, parse_event_time, validate_record
 
 WATERMARK_KEY = "__batchmark_watermark__"
 
@@ -34,7 +35,8 @@ def read_records(path: Path, ds: Dataset | None = None) -> Iterator[bytes]:
     """The records of a dataset file as JSON bytes, in file order.
 
     CSV cells are typed by the dataset's schema when one is given (a numeric-looking id stays a string);
-    without a schema, numbers are guessed.
+    without a schema, numbers are guessed. A dataset with a [dataset.csv] table reads CSV files through it
+    (batchmark.csv_source: renamed and ignored columns, null tokens, derived ids, local times).
     """
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json", ".ndjson"):
@@ -43,6 +45,12 @@ def read_records(path: Path, ds: Dataset | None = None) -> Iterator[bytes]:
                 line = line.rstrip(b"\r\n")
                 if line:
                     yield line
+    elif suffix == ".csv" and ds is not None and ds.csv is not None:
+        from batchmark.csv_source import CsvMapping
+
+        mapping = CsvMapping(path, ds)
+        mapping.check_ids()  # a collision is refused before the first record goes out
+        yield from mapping.records()
     elif suffix == ".csv":
         types = {f.name: f.type for f in ds.fields} | {ds.event_id: "string"} if ds else {}
         with open(path, newline="") as fh:
@@ -74,10 +82,14 @@ def _csv_value(v: str, ftype: str | None = None) -> object:
 
 @dataclass
 class ReplayStats:
+    """What a replay sent; `rejected` counts, per reason, the records the worker will dead-letter."""
+
     records: int
     seconds: float
     max_event_time_ms: int | None
     end_watermark_ms: int | None
+    rejected: Counter[str] = field(default_factory=Counter)
+    example: str = ""  # the first rejection: its reason and detail
 
 
 async def replay_async(
@@ -104,20 +116,26 @@ async def replay_async(
     await producer.start()
     sent = 0
     max_ts: int | None = None
+    rejected: Counter[str] = Counter()
+    example = ""
     t0 = time.monotonic()
     bar = tqdm(desc=f"replay {path.name}", unit="ev", disable=not progress, mininterval=0.5)
     try:
         pending = []
         for raw in read_records(path, ds):
             key = ts = None
-            try:
-                obj = orjson.loads(raw)
-                if isinstance(obj, dict):
-                    k = obj.get(ds.partition_key)
-                    key = str(k).encode() if k is not None else None
-                    ts = parse_event_time(obj.get(ds.event_time))
-            except orjson.JSONDecodeError:
-                pass
+            obj = decode(raw)
+            checked = obj if isinstance(obj, Rejection) else validate_record(obj, ds)
+            if isinstance(checked, Rejection):  # the worker's own rule: it will dead-letter this record
+                rejected[checked.reason] += 1
+                example = example or f"record {sent + 1}: {checked.reason}: {checked.detail}"
+            if isinstance(obj, Rejection) and obj.reason == "too_large":  # still keyed and stamped like the rest
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    obj = orjson.loads(raw)
+            if isinstance(obj, dict):
+                k = obj.get(ds.partition_key)
+                key = str(k).encode() if k is not None else None
+                ts = parse_event_time(obj.get(ds.event_time))
             if ts is not None and ds.min_event_time_ms <= ts < ds.max_event_time_ms:
                 max_ts = ts if max_ts is None or ts > max_ts else max_ts
             else:
@@ -138,13 +156,13 @@ async def replay_async(
         if end_watermark and max_ts is not None:
             # the end of the last replayed day plus the largest lateness: every window of it is closed
             lateness = max(m.allowed_lateness_ms for m in defs.metrics)
-            wm = (max_ts // DAY_MS + 1) * DAY_MS + lateness
+            wm = ds.calendar.day_bounds_ms(ds.calendar.day_of(max_ts))[1] + lateness
             for p in sorted(await producer.partitions_for(topic)):
                 await producer.send_and_wait(topic, watermark_record(wm), partition=p)
     finally:
         bar.close()
         await producer.stop()
-    return ReplayStats(records=sent, seconds=time.monotonic() - t0, max_event_time_ms=max_ts, end_watermark_ms=wm)
+    return ReplayStats(sent, time.monotonic() - t0, max_ts, wm, rejected, example)
 
 
 def replay(path: Path, bootstrap: str, topic: str, defs: Definitions, **kw: object) -> ReplayStats:

@@ -25,7 +25,7 @@ from typing import Any
 
 from batchmark import config, storage
 from batchmark.airflow_env import airflow_bin, airflow_env, ensure_auth, migrate
-from batchmark.broker import EmbeddedBroker, create_topics, port_open
+from batchmark.broker import EmbeddedBroker, ensure_settings_topics, port_open
 from batchmark.config import REPO_ROOT, Settings
 from batchmark.errors import BatchmarkError, ConfigError, ServiceUnavailable
 from batchmark.orchestration import DAY_DAGS
@@ -120,7 +120,7 @@ class Stack:
                 os.environ["KAFKA_BOOTSTRAP_SERVERS"] = self.broker.bootstrap
             self.settings = config.load()
             s = self.settings
-            create_topics(s.bootstrap_servers, {s.events_topic: s.partitions, s.dlq_topic: 1})
+            ensure_settings_topics(s)
             self._write_state(ready=False)
 
             worker_log = self.log_dir / "worker.log"

@@ -67,6 +67,7 @@ class _Partition:
     epoch: str = ""
     dirty: bool = False
     live: set[tuple[str, str, int]] = field(default_factory=set)  # (metric, group, start) in stream.open_windows
+    rejected: dict[tuple[Any, str], int] = field(default_factory=dict)  # (day, reason) -> dead letters not saved yet
 
 
 @dataclass
@@ -168,8 +169,13 @@ class StreamProcessor:
         self.partitions.pop(partition, None)
 
     # -- processing -------------------------------------------------------------------------------------
-    def process(self, partition: int, offset: int, key: bytes | None, raw: bytes) -> DeadLetter | Seek | None:
+    def process(
+        self, partition: int, offset: int, key: bytes | None, raw: bytes, timestamp_ms: int | None = None
+    ) -> DeadLetter | Seek | None:
         """Handle one record; returns the dead letter to send when it is malformed, or a Seek.
+
+        A dead letter is also counted per day (of the record's timestamp: the replayer stamps the event time)
+        and reason; the counts are committed with the checkpoint, so each is counted once (stream.rejections).
 
         Records must come in offset order from the partition's resume point. One already handled (a
         re-delivery) is skipped; one ahead of its turn (records fetched before a rebalance, delivered after
@@ -218,6 +224,9 @@ class StreamProcessor:
                 return None
             c.rejected += 1
             c.by_reason[event.reason] = c.by_reason.get(event.reason, 0) + 1
+            day = self.day_of(timestamp_ms if timestamp_ms and timestamp_ms > 0 else int(time.time() * 1000))
+            rt.rejected[(day, event.reason)] = rt.rejected.get((day, event.reason), 0) + 1
+            rt.dirty = True
             return dead_letter(self.topic, partition, offset, key, raw, event)
         c.valid += 1
         if replaying:
@@ -226,6 +235,10 @@ class StreamProcessor:
             rt.lake.add(event, offset, rt.state.watermark_ms)
         rt.state.add(event, offset, count_late=not replaying)
         return None
+
+    def day_of(self, ms: int) -> Any:
+        """The dataset's day an instant falls in (in its time zone)."""
+        return self.defs.dataset.calendar.day_of(ms)
 
     def checkpoint_due(self) -> bool:
         """Every checkpoint_interval_s, and sooner (CLOSE_CHECKPOINT_GAP_S) once a window has closed.
@@ -275,9 +288,12 @@ class StreamProcessor:
             points[p] = (resume, rt.next_offset, rt.state.watermark_ms)
         if points:
             with storage.transaction(self.settings.database_url) as cur:
-                storage.upsert_stream_results(cur, results)
+                storage.upsert_stream_results(cur, results, self.defs.dataset.calendar)
                 for p, counts in late.items():
-                    storage.add_late_events(cur, p, self.partitions[p].epoch, counts)
+                    storage.add_late_events(cur, p, self.partitions[p].epoch, counts, self.defs.dataset.calendar)
+                    storage.add_stream_rejections(
+                        cur, self.topic, p, self.partitions[p].epoch, self.partitions[p].rejected
+                    )
                 for p, (resume, nxt, wm) in points.items():
                     storage.write_checkpoint(cur, self.topic, p, resume, nxt, wm, self.partitions[p].epoch)
                 live_written = self._write_live(cur, provisional, closing, provisional_new, points)
@@ -293,6 +309,7 @@ class StreamProcessor:
                         rt.live |= {(r.metric, r.group_key, r.window_start_ms) for r in provisional_new.get(p, [])}
                 rt.state.forget(closed[p])
                 rt.state.clear_late()
+                rt.rejected.clear()
                 rt.dirty = False
                 write_watermark(self.settings.events_lake, self.topic, p, wm, nxt)
             self.counters.windows_written += len(results)

@@ -8,11 +8,23 @@ from datetime import date
 from pathlib import Path
 
 from batchmark import config
-from batchmark.broker import create_topics
+from batchmark.broker import ensure_settings_topics
 from batchmark.definitions import load_definitions
 from batchmark.demo import start_worker, stop, wait_for_day, wait_until_ready
 from batchmark.generator import GeneratorConfig, Manifest, generate
 from batchmark.replay import replay
+
+
+@contextmanager
+def running_worker(settings, home: Path, name: str):  # noqa: ANN001, ANN201
+    """A Faust worker on the settings' topics, ready; yields (process, log path); stopped afterwards."""
+    log = home / f"worker-{name}.log"
+    worker = start_worker(settings, log)
+    try:
+        wait_until_ready(worker, log)
+        yield worker, log
+    finally:
+        stop(worker)
 
 
 @contextmanager
@@ -22,7 +34,7 @@ def streamed_day(topic: str, day: date, home: Path, **gen: object):  # noqa: ANN
     os.environ["BATCHMARK_EVENTS_TOPIC"], os.environ["BATCHMARK_DLQ_TOPIC"] = topic, f"{topic}.dlq"
     settings = config.load()
     defs = load_definitions(settings.definitions_path)
-    create_topics(settings.bootstrap_servers, {settings.events_topic: settings.partitions, settings.dlq_topic: 1})
+    ensure_settings_topics(settings)
     data = home / f"{topic}-{day}.jsonl"
     manifest: Manifest = generate(
         GeneratorConfig(day=day, partitions=settings.partitions, **gen), data, archive=settings.archive_file(day)

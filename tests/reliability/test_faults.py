@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchmark import config, storage
-from batchmark.broker import create_topics
+from batchmark.broker import ensure_settings_topics
 from batchmark.definitions import load_definitions
 from batchmark.demo import start_worker, stop, stream_day, wait_for_day, wait_until_ready
 from batchmark.generator import GeneratorConfig, generate
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.timeout(900)
 def _use_topic(topic: str) -> config.Settings:
     os.environ["BATCHMARK_EVENTS_TOPIC"], os.environ["BATCHMARK_DLQ_TOPIC"] = topic, f"{topic}.dlq"
     settings = config.load()
-    create_topics(settings.bootstrap_servers, {settings.events_topic: settings.partitions, settings.dlq_topic: 1})
+    ensure_settings_topics(settings)
     return settings
 
 

@@ -17,11 +17,11 @@ import orjson
 import pytest
 
 from batchmark import config, spark, storage
-from batchmark.broker import create_topics
+from batchmark.broker import ensure_settings_topics
 from batchmark.definitions import load_definitions
 from batchmark.demo import start_worker, stop, wait_for_day, wait_until_ready
 from batchmark.replay import replay
-from tests.integration.test_pipeline import _read_topic
+from tests.integration.test_pipeline import _read_positions, _read_topic
 
 DAY = date(2026, 11, 16)
 pytestmark = pytest.mark.timeout(600)
@@ -72,7 +72,7 @@ def test_malformed_corpus_rejected_alike_by_stream_and_batch(pg_url: str, broker
     os.environ["BATCHMARK_EVENTS_TOPIC"], os.environ["BATCHMARK_DLQ_TOPIC"] = "malformed", "malformed.dlq"
     settings = config.load()
     defs = load_definitions(settings.definitions_path)
-    create_topics(settings.bootstrap_servers, {settings.events_topic: settings.partitions, settings.dlq_topic: 1})
+    ensure_settings_topics(settings)
     valid = [orjson.dumps(_event(i)) for i in range(600)]
     duplicates = [valid[5], valid[77]]  # sent twice: accepted by both; counted once by the batch
     corpus = _corpus()
@@ -102,8 +102,80 @@ def test_malformed_corpus_rejected_alike_by_stream_and_batch(pg_url: str, broker
     jobs = sum(n for (m, _, _), (_, n) in storage.fetch_results(pg_url, "stream", DAY).items() if m == "jobs")
     assert jobs == len(valid) + len(duplicates)  # every valid record after and between the bad ones
 
+    # the dead letters counted per day and reason in Postgres, once each (records without a usable event time
+    # are counted on the day they arrived)
+    with storage.transaction(pg_url) as cur:
+        cur.execute("SELECT day, reason, sum(records) FROM stream.rejections WHERE topic = 'malformed' GROUP BY 1, 2")
+        counted = cur.fetchall()
+    assert Counter({r: 0 for r in expected}) + Counter({reason: int(n) for _, reason, n in counted}) == expected or sum(
+        int(n) for *_, n in counted
+    ) == len(corpus)
+    by_reason: Counter[str] = Counter()
+    for _, reason, n in counted:
+        by_reason[reason] += int(n)
+    assert by_reason == expected
+    assert {reason: int(n) for d, reason, n in counted if d == DAY and reason in ("wrong_type", "missing_field")} == {
+        "wrong_type": 6,
+        "missing_field": 3,
+    }
+    _dlq_command_lists_shows_and_redrives(settings, home, corpus)
+
     result = spark.submit(settings, DAY, "malformed")
     assert result["archive_rejected"] == dict(expected)  # the same records, for the same reasons
+    with storage.transaction(pg_url) as cur:
+        rejected = storage.day_rejections(cur, DAY, "malformed")
+    assert rejected["archive"] == dict(expected) and rejected["stream"]["wrong_type"] == 6
     assert result["truth_events"] == len(valid)  # duplicates counted once
     assert result["rejected"] == {}  # nothing malformed ever reached the lake
     print(f"\nmalformed corpus: {dict(expected)}; DLQ {len(dead)}; batch rejected {result['archive_rejected']}")
+
+
+def _dlq_command_lists_shows_and_redrives(settings, home: Path, corpus) -> None:  # noqa: ANN001
+    """`batchmark dlq`: the list with reasons and safe previews, one letter whole, and a re-drive once the
+    definitions accept the records (only those; each once; byte for byte)."""
+    import contextlib
+    import io
+
+    from batchmark.cli import main
+
+    def run(*args: str) -> tuple[int, str]:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = main(["dlq", *args])
+        return code, out.getvalue()
+
+    code, text = run("--limit", "100")
+    assert code == 0 and text.startswith(f"{len(corpus)} dead letters in malformed.dlq\n")
+    assert "by reason: " in text and "unknown_field 3" in text and "too_large 3" in text
+    code, text = run("--reason", "invalid_utf8")
+    code, text = run("--show", text.splitlines()[3].split()[0])
+    assert code == 0 and '"\\xc3(user":"u' in text  # invalid UTF-8 shown escaped, never raw
+    code, text = run("--reason", "unknown_field")
+    positions = [line.split()[0] for line in text.splitlines()[3:]]
+    assert len(positions) == 3 and all("unknown field(s): priority" in line for line in text.splitlines()[3:])
+    code, text = run("--show", positions[0])
+    assert "reason   unknown_field: unknown field(s): priority" in text and "from     malformed partition" in text
+
+    code, text = run("--reason", "unknown_field", "--redrive", "all")
+    assert code == 1 and text.count("still rejected: unknown_field") == 3  # the definitions still refuse them
+    fixed = home / "malformed-fixed.toml"
+    base = settings.definitions_path.read_text()
+    fixed.write_text(
+        base.replace("[dataset.fields]\n", '[dataset.fields]\npriority = { type = "string", nullable = true }\n')
+    )
+    os.environ["BATCHMARK_DEFINITIONS"] = str(fixed)
+    try:
+        code, text = run("--reason", "unknown_field", "--redrive", "all")
+        assert code == 0 and text.count("re-driven ") == 3 and "3 re-driven, 0 not" in text
+        code, text = run("--reason", "unknown_field", "--redrive", "all")
+        assert code == 1 and text.count("already re-driven") == 3  # never twice
+        code, text = run("--reason", "wrong_type", "--redrive", "all")
+        assert code == 1 and "0 re-driven, 6 not" in text
+    finally:
+        os.environ.pop("BATCHMARK_DEFINITIONS")
+    code, text = run("--reason", "unknown_field")
+    assert text.count("[re-driven]") == 3
+    records = asyncio.run(_read_positions(settings.bootstrap_servers, "malformed", 10_000, timeout_s=5))
+    raw = [r for r in records.values() if b'"priority":"high"' in r]
+    assert len(raw) == 6  # the three originals and the three re-driven copies, same ids
+    assert len({orjson.loads(r)["event_id"] for r in raw}) == 3
