@@ -14,8 +14,10 @@ One Spark job, and nothing proportional to the day passes through the driver:
    ``window_accuracy`` (batchmark.batch_compute): truth, error and its attribution per window;
 4. executors COPY the rows into a staging table; the driver then replaces the day's rows of truth.results and
    quality.window_accuracy from it in one transaction: readers see the old day or the new one, never a mix.
-Counts (records read, rejected by reason, truth events) are observed during that one pass. Prints one line
-``BATCHMARK_RESULT {json}``; ``--stages`` also times the job's prefixes (read, validate, dedupe, aggregate).
+Counts (records read, rejected by reason, truth events) are observed during that one pass. A day with no lake
+partition is certified empty (no window for any metric) once every stream partition's watermark has passed its
+end plus the lateness; before that it is refused. Prints one line ``BATCHMARK_RESULT {json}``; ``--stages``
+also times the job's prefixes (read, validate, dedupe, aggregate).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import json
 import sys
 import time
 import uuid
+from datetime import date
 from pathlib import Path
 
 from batchmark import config, storage
@@ -42,7 +45,7 @@ from batchmark.definitions import Dataset, Definitions, load_definitions
 from batchmark.events import REASONS
 from batchmark.lake import day_dir
 from batchmark.spark import RESULT_PREFIX
-from batchmark.windows import day_bounds_ms, parse_day
+from batchmark.windows import parse_day
 
 SPARK_TYPES = {"string": "string", "float": "double", "int": "bigint"}
 
@@ -55,6 +58,8 @@ def used_fields(defs: Definitions) -> set[str]:
     for m in defs.metrics:
         if m.value_expr:
             used |= {n.id for n in ast.walk(ast.parse(m.value_expr, mode="eval")) if isinstance(n, ast.Name)}
+        if m.where_rule is not None:
+            used.add(m.where_rule[0])
     return used
 
 
@@ -75,7 +80,8 @@ def rejection_column(ds: Dataset):  # noqa: ANN201 (a pyspark Column)
     ]
     for f in ds.fields:
         c = F.col(f"`{f.name}`")
-        checks.append((c.isNull(), "missing_field"))
+        if not f.nullable:  # a null passes the checks below (their comparisons are null, not true)
+            checks.append((c.isNull(), "missing_field"))
         if f.type == "string":
             checks.append(((F.length(c) == 0) | (F.length(c) > f.max_length), "out_of_range"))
             continue
@@ -154,7 +160,7 @@ def _windows_fn(defs_path: str, plans: list[list[str]], busy):  # noqa: ANN001, 
                 index=False, name=None
             )
         }
-        out = window_accuracy(records, [d.metric(n) for n in plans[int(key[0])]], values)
+        out = window_accuracy(records, [d.metric(n) for n in plans[int(key[0])]], values, d.dataset.calendar)
         busy.add(time.monotonic() - t)
         return out
 
@@ -224,7 +230,7 @@ def build(spark, defs: Definitions, defs_path: str, lake_path: Path, archive: st
     ranked = ranked.observe(obs_lake, F.count(F.lit(1)).alias("lake_records"), F.sum("_invalid").alias("rejected"))
     lake = ranked.where(F.col(REJECT_COLUMN) == "").select("_h", *fields, "_watermark_ms", "_copy")
     if archive:
-        start_ms, end_ms = day_bounds_ms(day)
+        start_ms, end_ms = ds.calendar.day_bounds_ms(day)
         obs_archive = Observation("archive")
         observations["archive"] = obs_archive
         ranges = line_ranges(archive)  # one task per ~32 MB, each read as raw bytes
@@ -264,6 +270,10 @@ def build(spark, defs: Definitions, defs_path: str, lake_path: Path, archive: st
     plan_keys = list(plans)
     key_types = {f.name: SPARK_TYPES[f.type] for f in ds.fields}
 
+    # Buckets of whole windows split a day's work by time; windows of a local day (a zone other than UTC) are
+    # not aligned to UTC multiples, so there the day is one bucket and the shards of group keys split it.
+    utc = ds.calendar.is_utc
+
     def shard(cols):  # noqa: ANN001, ANN202
         return F.pmod(F.hash(*cols), F.lit(shards))
 
@@ -275,7 +285,7 @@ def build(spark, defs: Definitions, defs_path: str, lake_path: Path, archive: st
         )
     bucket = shard_col = None
     for i, keys in enumerate(plan_keys):
-        b = F.floor(F.col("event_time_ms") / bucket_ms(plans[keys]))
+        b = F.floor(F.col("event_time_ms") / bucket_ms(plans[keys])) if utc else F.lit(0)
         s = shard([F.col(f"`{k}`") for k in keys])
         bucket = F.when(F.col("_plan") == i, b) if bucket is None else bucket.when(F.col("_plan") == i, b)
         shard_col = F.when(F.col("_plan") == i, s) if shard_col is None else shard_col.when(F.col("_plan") == i, s)
@@ -292,7 +302,7 @@ def build(spark, defs: Definitions, defs_path: str, lake_path: Path, archive: st
     for i, keys in enumerate(plan_keys):
         parts = F.split(F.col("group_key"), r"\|", len(keys))  # the text key back to typed values
         typed = [parts.getItem(j).cast(key_types[k]) for j, k in enumerate(keys)]
-        b = F.floor(F.col("window_start_ms") / bucket_ms(plans[keys]))
+        b = F.floor(F.col("window_start_ms") / bucket_ms(plans[keys])) if utc else F.lit(0)
         s_bucket = F.when(F.col("_plan") == i, b) if s_bucket is None else s_bucket.when(F.col("_plan") == i, b)
         sh = shard(typed)
         s_shard = F.when(F.col("_plan") == i, sh) if s_shard is None else s_shard.when(F.col("_plan") == i, sh)
@@ -311,6 +321,29 @@ def build(spark, defs: Definitions, defs_path: str, lake_path: Path, archive: st
     return stages, observations, busy
 
 
+def _empty_day(
+    settings: config.Settings, defs: Definitions, day: date, run_id: str, path: Path, archive: str | None
+) -> int:
+    """A day with no lake partition: certified empty (its truth is no window, for every metric) when the stream's
+    watermark has passed its end plus the lateness on every partition; refused otherwise."""
+    from batchmark.lake import day_completeness
+
+    lateness = max(m.allowed_lateness_ms for m in defs.metrics)
+    done, why = day_completeness(
+        settings.events_lake, settings.events_topic, day, settings.partitions, lateness, defs.dataset.calendar
+    )
+    if not done or archive:
+        what = "the archive has its events but the stream landed none" if archive else why
+        print(f"no lake partition for {day} at {path}, and the day cannot be certified empty: {what}", file=sys.stderr)
+        return 2
+    rows = storage.swap_truth_day(settings.database_url, day, [m.name for m in defs.metrics], run_id, {})
+    summary = {"day": day.isoformat(), "run_id": run_id, "empty": True, "why": why, "truth_events": 0, "rows": rows}
+    summary |= {"lake_records": 0, "rejected": {}, "archive_rejected": {}, "archive": False}
+    print(f"{day} has no events: certified empty ({why})", file=sys.stderr)
+    print(RESULT_PREFIX + json.dumps(summary), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--date", required=True, help="the day to recompute, YYYY-MM-DD")
@@ -324,8 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     defs = load_definitions(settings.definitions_path)
     path = day_dir(settings.events_lake, day)
     if not path.exists() or not any(path.glob("*.parquet")):
-        print(f"no lake partition for {day} at {path}: has the stream landed that day?", file=sys.stderr)
-        return 2
+        return _empty_day(settings, defs, day, run_id, path, args.archive)
     if args.archive and not Path(args.archive).exists():
         print(f"archive {args.archive} does not exist", file=sys.stderr)
         return 2

@@ -81,7 +81,8 @@ class NightlyTimetable(CronDataIntervalTimetable):
         from airflow.utils.types import DagRunType
 
         if data_interval is not None and run_type in (DagRunType.SCHEDULED, DagRunType.BACKFILL_JOB):
-            return run_type.generate_run_id(suffix=data_interval.start.astimezone(UTC).date().isoformat())
+            day = data_interval.start.astimezone(getattr(self, "_timezone", UTC)).date()  # the timetable's day
+            return run_type.generate_run_id(suffix=day.isoformat())
         return super().generate_run_id(run_type=run_type, run_after=run_after, data_interval=data_interval, **extra)
 
 
@@ -175,7 +176,7 @@ def batchmark_app() -> Any:
     authenticate a plugin's app by itself: every route checks the caller with Airflow's auth manager):
     - /batchmark/accuracy: the Accuracy view (batchmark.accuracy_view), in the UI's navigation;
     - /batchmark/live (and live.json, which it polls): the windows the stream holds open, refreshing;
-    - /batchmark/reports/...: the GX Data Docs site of the project (settings.gx_root), offline-ready;
+    - /batchmark/reports/...: the GX Data Docs site of the dataset's project (settings.gx_project), offline-ready;
     - /batchmark/static/vendor/...: the vendored scripts and styles those pages load.
     """
     from fastapi import FastAPI
@@ -183,9 +184,12 @@ def batchmark_app() -> Any:
     from starlette.concurrency import run_in_threadpool
 
     from batchmark import accuracy_view, config
+    from batchmark.definitions import load_definitions
     from batchmark.reports import VENDOR
 
-    site = (config.load().gx_root / "uncommitted" / "data_docs" / "local_site").resolve()
+    settings = config.load()
+    dataset = load_definitions(settings.definitions_path).dataset.name
+    site = (settings.gx_project(dataset) / "uncommitted" / "data_docs" / "local_site").resolve()
     app = FastAPI(title="batchmark", docs_url=None, redoc_url=None, openapi_url=None)
 
     # Database reads run in the thread pool: the API server's event loop also serves the UI and the tasks.

@@ -20,7 +20,7 @@ import psycopg2.extras
 from psycopg2 import sql
 
 from batchmark.errors import ServiceUnavailable
-from batchmark.windows import ms_to_datetime
+from batchmark.windows import Calendar, ms_to_datetime
 
 SCHEMA_SQL = """
 CREATE SCHEMA IF NOT EXISTS stream;
@@ -50,6 +50,40 @@ CREATE TABLE IF NOT EXISTS stream.late_events (
     day           date        NOT NULL,
     n_late        bigint      NOT NULL,
     PRIMARY KEY (metric, window_start, partition)
+);
+
+-- Records the stream dead-lettered, per day (of the record's timestamp), reason and partition; counted in the
+-- checkpoint's transaction, within the partition's epoch like late_events.
+CREATE TABLE IF NOT EXISTS stream.rejections (
+    topic      text    NOT NULL,
+    day        date    NOT NULL,
+    reason     text    NOT NULL,
+    partition  integer NOT NULL,
+    epoch      text    NOT NULL,
+    records    bigint  NOT NULL,
+    PRIMARY KEY (topic, day, reason, partition)
+);
+
+-- Dead letters sent back to the events topic by `batchmark dlq --redrive`: each at most once.
+CREATE TABLE IF NOT EXISTS stream.redriven (
+    dlq_topic     text        NOT NULL,
+    partition     integer     NOT NULL,
+    dlq_offset    bigint      NOT NULL,
+    events_topic  text        NOT NULL,
+    event_id      text        NOT NULL,
+    redriven_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (dlq_topic, partition, dlq_offset)
+);
+
+-- Which metrics the batch recompute produced truth for, per day: a metric with no window that day (an empty
+-- day, or a metric whose records were all null or outside its where) was still recomputed.
+CREATE TABLE IF NOT EXISTS truth.recomputed (
+    day            date        NOT NULL,
+    metric         text        NOT NULL,
+    run_id         text        NOT NULL,
+    windows        bigint      NOT NULL,
+    recomputed_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (day, metric)
 );
 
 CREATE TABLE IF NOT EXISTS truth.results (
@@ -252,6 +286,17 @@ SELECT a.id, a.day, a.metric, a.check_name, a.severity, a.observed, a.baseline, 
        max(d.last_error) FILTER (WHERE d.status <> 'delivered') AS last_error
 FROM quality.alerts a LEFT JOIN quality.alert_deliveries d ON d.alert_id = a.id
 GROUP BY a.id;
+-- Records rejected per day, counting each once: the stream's dead letters and the archive's malformed records
+-- are the same records seen twice (either may be missing), the lake's are records the stream accepted.
+DROP VIEW IF EXISTS quality.rejected_per_day;
+CREATE VIEW quality.rejected_per_day AS
+WITH s AS (SELECT day, sum(records) AS n FROM stream.rejections GROUP BY day),
+     q AS (SELECT day, sum(records) FILTER (WHERE source <> 'lake') AS source_n,
+                  sum(records) FILTER (WHERE source = 'lake') AS lake_n
+           FROM quality.rejections GROUP BY day)
+SELECT coalesce(s.day, q.day) AS day,
+       greatest(coalesce(s.n, 0), coalesce(q.source_n, 0)) + coalesce(q.lake_n, 0) AS records
+FROM s FULL JOIN q ON s.day = q.day;
 DROP VIEW IF EXISTS quality.comparison;
 CREATE VIEW quality.comparison AS
 SELECT t.day, t.metric, t.group_key, t.window_start,
@@ -355,10 +400,10 @@ def init_schema(url: str) -> None:
     except psycopg2.errors.InsufficientPrivilege as exc:
         with transaction(url) as cur:
             cur.execute(  # ask the catalog, readable by every role (to_regclass needs USAGE on the schema)
-                "SELECT count(*) = 4 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n"
+                "SELECT count(*) = 5 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n"
                 " ON n.oid = c.relnamespace"
                 " WHERE (n.nspname, c.relname) IN (('stream', 'checkpoints'), ('quality', 'task_failures'),"
-                " ('stream', 'open_windows'), ('quality', 'alerts'))"  # the newest tables: the schema is current
+                " ('stream', 'open_windows'), ('quality', 'alerts'), ('truth', 'recomputed'))"  # the newest tables
             )
             ready = cur.fetchone()[0]
         if not ready:
@@ -372,24 +417,26 @@ def _json(detail: Any) -> psycopg2.extras.Json | None:
     return None if detail is None else psycopg2.extras.Json(detail)
 
 
-def _row(r: Any) -> tuple[Any, ...]:
+def _row(r: Any, day_of: Any) -> tuple[Any, ...]:
     start = ms_to_datetime(r.window_start_ms)
     return (
         r.metric,
         r.group_key,
         start,
         ms_to_datetime(r.window_end_ms),
-        start.date(),
+        day_of(r.window_start_ms),
         r.value,
         r.n_events,
         _json(r.detail),
     )
 
 
-def upsert_stream_results(cur: psycopg2.extensions.cursor, results: Sequence[Any]) -> int:
-    """Write closed windows; a window written again (a replay) replaces its row instead of adding to it."""
+def upsert_stream_results(cur: psycopg2.extensions.cursor, results: Sequence[Any], calendar: Any = None) -> int:
+    """Write closed windows; a window written again (a replay) replaces its row instead of adding to it. A
+    window's day is the day its start falls in, in the dataset's calendar (UTC without one)."""
     if not results:
         return 0
+    day_of = (calendar or Calendar()).day_of
     psycopg2.extras.execute_values(
         cur,
         """INSERT INTO stream.results (metric, group_key, window_start, window_end, day, value, n_events, detail)
@@ -397,17 +444,22 @@ def upsert_stream_results(cur: psycopg2.extensions.cursor, results: Sequence[Any
            ON CONFLICT (metric, group_key, window_start)
            DO UPDATE SET value = EXCLUDED.value, n_events = EXCLUDED.n_events, detail = EXCLUDED.detail,
                          updated_at = now()""",
-        [_row(r) for r in results],
+        [_row(r, day_of) for r in results],
         page_size=1000,
     )
     return len(results)
 
 
 def add_late_events(
-    cur: psycopg2.extensions.cursor, partition: int, epoch: str, late: Iterable[tuple[str, int, int]]
+    cur: psycopg2.extensions.cursor,
+    partition: int,
+    epoch: str,
+    late: Iterable[tuple[str, int, int]],
+    calendar: Any = None,
 ) -> None:
     """Record (metric, window_start_ms, n) records of one partition that came after their window closed."""
-    rows = [(m, ms_to_datetime(s), partition, epoch, ms_to_datetime(s).date(), n) for m, s, n in late]
+    day_of = (calendar or Calendar()).day_of
+    rows = [(m, ms_to_datetime(s), partition, epoch, day_of(s), n) for m, s, n in late]
     if rows:
         psycopg2.extras.execute_values(
             cur,
@@ -418,6 +470,39 @@ def add_late_events(
                  epoch = EXCLUDED.epoch""",
             rows,
         )
+
+
+def add_stream_rejections(
+    cur: psycopg2.extensions.cursor, topic: str, partition: int, epoch: str, counts: dict[tuple[Any, str], int]
+) -> None:
+    """Add one partition's dead-letter counts ({(day, reason): records}) to stream.rejections."""
+    rows = [(topic, day, reason, partition, epoch, n) for (day, reason), n in counts.items() if n]
+    if rows:
+        psycopg2.extras.execute_values(
+            cur,
+            """INSERT INTO stream.rejections (topic, day, reason, partition, epoch, records) VALUES %s
+               ON CONFLICT (topic, day, reason, partition) DO UPDATE SET
+                 records = CASE WHEN stream.rejections.epoch = EXCLUDED.epoch
+                                THEN stream.rejections.records + EXCLUDED.records ELSE EXCLUDED.records END,
+                 epoch = EXCLUDED.epoch""",
+            rows,
+        )
+
+
+def day_rejections(cur: psycopg2.extensions.cursor, day: date, topic: str) -> dict[str, dict[str, int]]:
+    """{source: {reason: records}} of a day: 'stream' (what the worker dead-lettered on `topic`), and what the
+    recompute rejected ('archive': the source's malformed records; 'lake': landed records failing the rules)."""
+    out: dict[str, dict[str, int]] = {}
+    cur.execute(
+        "SELECT reason, sum(records) FROM stream.rejections WHERE day = %s AND topic = %s GROUP BY reason",
+        (day, topic),
+    )
+    for reason, n in cur.fetchall():
+        out.setdefault("stream", {})[reason] = int(n)
+    cur.execute("SELECT source, reason, records FROM quality.rejections WHERE day = %s", (day,))
+    for source, reason, n in cur.fetchall():
+        out.setdefault(source, {})[reason] = int(n)
+    return out
 
 
 def replace_truth_day(
@@ -451,7 +536,26 @@ def replace_truth_day(
             [(r[0], r[1], ms_to_datetime(r[2]), day, *r[3:12], _json(r[12])) for r in accuracy],
             page_size=5000,
         )
+        _mark_recomputed(cur, day, metrics, run_id)
     return len(rows)
+
+
+def _mark_recomputed(cur: psycopg2.extensions.cursor, day: date, metrics: Sequence[str], run_id: str) -> None:
+    """Record, in the swap's transaction, that these metrics' truth of `day` is now the run's (truth.recomputed)."""
+    cur.execute(
+        """INSERT INTO truth.recomputed (day, metric, run_id, windows)
+           SELECT %s, m, %s, (SELECT count(*) FROM truth.results t WHERE t.day = %s AND t.metric = m)
+           FROM unnest(%s::text[]) AS m
+           ON CONFLICT (day, metric) DO UPDATE SET run_id = EXCLUDED.run_id, windows = EXCLUDED.windows,
+                                                   recomputed_at = now()""",
+        (day, run_id, day, list(metrics)),
+    )
+
+
+def recomputed_metrics(cur: psycopg2.extensions.cursor, day: date) -> dict[str, int]:
+    """{metric: windows} of the metrics the batch recompute produced truth for on `day`."""
+    cur.execute("SELECT metric, windows FROM truth.recomputed WHERE day = %s", (day,))
+    return {m: int(n) for m, n in cur.fetchall()}
 
 
 STAGING_COLUMNS = (
@@ -505,6 +609,7 @@ def swap_truth_day(
             (day, run_id),
         )
         cur.execute("DELETE FROM truth.staging WHERE run_id = %s", (run_id,))
+        _mark_recomputed(cur, day, metrics, run_id)
     return rows
 
 

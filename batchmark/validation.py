@@ -1,10 +1,12 @@
 """Nightly accuracy check: one day of stream results against the batch truth, with Great Expectations.
 
-The GX project lives in ``settings.gx_root`` (``expectations/`` in the repo). Every run brings it in line with
-the definitions file: a Postgres datasource whose connection string is the ``${BATCHMARK_GX_CONNECTION}``
-variable (never stored), a query asset on the view ``quality.comparison`` batched by its ``day`` column, one
-suite per metric (completeness and relative error within tolerance), one validation definition per suite and
-one checkpoint that runs them all and updates the Data Docs.
+The GX project of a dataset is generated under the runtime home (``settings.gx_project``: one per dataset and
+database) from the hand-written template ``expectations/great_expectations.yml``; the repository is never
+written. Every run brings the project in line with the definitions file: a Postgres datasource whose connection
+string is the ``${BATCHMARK_GX_CONNECTION}`` variable (never stored), a query asset on the view
+``quality.comparison`` batched by its ``day`` column, one suite per metric (completeness and relative error
+within tolerance), one validation definition per suite and one checkpoint that runs them all and updates the
+Data Docs.
 
 Pass or fail comes from the checkpoint, and so do the counts of missing and over-tolerance windows; the
 number of windows and the max and mean relative error are read from the view with SQL. Every run appends one
@@ -17,6 +19,7 @@ import contextlib
 import dataclasses
 import fcntl
 import logging
+import os
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -112,11 +115,12 @@ class ValidationReport:
     success: bool
     metrics: list[MetricAccuracy]
     docs_index: Path
+    rejected: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)  # storage.day_rejections
 
     def summary_line(self) -> str:
         """One line for logs and alerts, e.g. '2026-11-24 PASS: jobs 1440 windows: 0 missing, 0 over tolerance 0
-        (max error 0), 0 incomplete; ...'."""
-        return summary_line(self.day, self.success, self.metrics)
+        (max error 0), 0 incomplete; ...; 12 records rejected (stream: invalid_json 12)'."""
+        return summary_line(self.day, self.success, self.metrics) + "; " + rejections_text(self.rejected)
 
 
 def describe(
@@ -147,6 +151,22 @@ def summary_line(day: date, success: bool, metrics: list[MetricAccuracy]) -> str
     return f"{day.isoformat()} {'PASS' if success else 'FAIL'}: " + "; ".join(parts)
 
 
+def rejections_text(rejected: dict[str, dict[str, int]]) -> str:
+    """'12 records rejected (stream: invalid_json 10, missing_field 2)' or 'no records rejected': what the day
+    lost to the definitions' rules. The stream's dead letters and the archive's malformed records are the same
+    records seen twice, so the total counts the larger of the two, plus the lake's."""
+    source = max(sum(rejected.get("stream", {}).values()), sum(rejected.get("archive", {}).values()))
+    total = source + sum(rejected.get("lake", {}).values())
+    if not total:
+        return "no records rejected"
+    parts = [
+        f"{where}: " + ", ".join(f"{r} {n}" for r, n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+        for where, reasons in sorted(rejected.items())
+        if reasons
+    ]
+    return f"{total} records rejected ({'; '.join(parts)})"
+
+
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3g}"
 
@@ -168,12 +188,19 @@ def validate_day(settings: Settings, defs: Definitions, day: date, run_id: str |
     with storage.transaction(url) as cur:
         write_tolerances(cur, defs)
         figures = _day_figures(cur, defs, day)
-    _require_truth(defs, day, figures)
+        recomputed = storage.recomputed_metrics(cur, day)
+        rejected = storage.day_rejections(cur, day, settings.events_topic)
+    _require_truth(defs, day, figures, recomputed)
+    for m in defs.metrics:  # recomputed with no window that day (an empty day, nothing the metric reads)
+        figures.setdefault(m.name, (0, None, None, 0, 0, 0, 0, 0, 0, None))
+    project = gx_project(settings, defs)
+    if not any(f[0] for f in figures.values()):
+        return _empty_day_report(settings, defs, day, run_id, project, rejected)
 
-    with _project_lock(settings.gx_root):
+    with _project_lock(project):
         context = gx.get_context(
             mode="file",
-            context_root_dir=settings.gx_root,
+            context_root_dir=project,
             runtime_environment={GX_CONNECTION_VAR: settings.sqlalchemy_url},
         )
         checkpoint = _sync_project(context, defs)
@@ -196,19 +223,36 @@ def validate_day(settings: Settings, defs: Definitions, day: date, run_id: str |
         for m in defs.metrics
     ]
     report = ValidationReport(
-        day=day, run_id=run_id, success=bool(result.success), metrics=metrics, docs_index=docs_index
+        day=day, run_id=run_id, success=bool(result.success), metrics=metrics, docs_index=docs_index, rejected=rejected
     )
     _record(url, report)
     for m in metrics:  # what GX's page does not say: the kind's max error, the window counts, the causes
         if m.report_page:
             try:
-                reports.annotate(docs_index.parent / m.report_page, _figures_html(m, day, settings.report_url))
+                figures_html = _figures_html(m, day, settings.report_url, rejections_text(rejected))
+                reports.annotate(docs_index.parent / m.report_page, figures_html)
             except (OSError, UnicodeError) as exc:  # a page we cannot rewrite must not lose the day's record
                 log.warning("could not add batchmark's figures to %s: %s", m.report_page, exc)
     return report
 
 
-def _figures_html(m: MetricAccuracy, day: date, report_url: str) -> str:
+def _empty_day_report(
+    settings: Settings, defs: Definitions, day: date, run_id: str, project: Path, rejected: dict[str, dict[str, int]]
+) -> ValidationReport:
+    """A day certified empty (truth recomputed, no window for any metric, no stream window either): it passes
+    with 0 windows. GX has no batch to validate on a day without rows, so no checkpoint runs and no page is
+    written; the day is recorded in quality.accuracy_history like any other."""
+    metrics = [
+        MetricAccuracy(m.name, True, 0, 0, 0, None, None, m.tolerance, kind=m.kind, within_tolerance=True)
+        for m in defs.metrics
+    ]
+    docs_index = project / "uncommitted" / "data_docs" / "local_site" / "index.html"
+    report = ValidationReport(day, run_id, True, metrics, docs_index, rejected)
+    _record(settings.database_url, report)
+    return report
+
+
+def _figures_html(m: MetricAccuracy, day: date, report_url: str, rejected: str = "") -> str:
     """The figures block batchmark adds to a metric's validation page."""
     import html
 
@@ -224,6 +268,8 @@ def _figures_html(m: MetricAccuracy, day: date, report_url: str) -> str:
         f"{html.escape(m.causes() or 'no late, lost or duplicated events')}; "
         f"the sketch's own part {_fmt(m.sketch_effect or 0)}.",
     ]
+    if rejected:
+        parts.append(f"Input that day: {html.escape(rejected)} (batchmark dlq lists the dead letters).")
     if view:
         parts.append(f'<a href="{html.escape(view)}">This day in the Accuracy view</a>')
     return "<br>".join(parts)
@@ -268,19 +314,35 @@ def _day_figures(cur: Any, defs: Definitions, day: date) -> dict[str, tuple[Any,
     return {row[0]: tuple(row[1:]) for row in cur.fetchall()}
 
 
-def _require_truth(defs: Definitions, day: date, figures: dict[str, Any]) -> None:
-    """Refuse to validate a day (or a metric) the batch recompute has not produced truth for."""
-    if not figures:
+def _require_truth(defs: Definitions, day: date, figures: dict[str, Any], recomputed: dict[str, int]) -> None:
+    """Refuse to validate a day (or a metric) the batch recompute has not produced truth for. A metric the
+    recompute ran for is judged even with no window (truth.recomputed), e.g. on a day certified empty."""
+    if not figures and not recomputed:
         raise ConfigError(
             f"there is no batch truth for {day}: nothing to compare the stream against. "
             f"Run the Spark batch recompute for {day} first, then validate again."
         )
-    missing = [m.name for m in defs.metrics if m.name not in figures]
+    missing = [m.name for m in defs.metrics if m.name not in figures and m.name not in recomputed]
     if missing:
         raise ConfigError(
             f"the batch truth for {day} has no windows for {', '.join(missing)} (added to the definitions "
             f"after the recompute?). Run the Spark batch recompute for {day} again, then validate again."
         )
+
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "expectations" / "great_expectations.yml"
+
+
+def gx_project(settings: Settings, defs: Definitions) -> Path:
+    """The dataset's GX project directory, created from the template on first use."""
+    project = settings.gx_project(defs.dataset.name)
+    config_file = project / "great_expectations.yml"
+    if not config_file.exists():
+        project.mkdir(parents=True, exist_ok=True)
+        tmp = config_file.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(TEMPLATE.read_text())
+        tmp.replace(config_file)  # atomic: a concurrent first run sees the whole file or none
+    return project
 
 
 @contextlib.contextmanager
@@ -440,7 +502,7 @@ def _metric_accuracy(
 def _observed(r: ExpectationValidationResult, key: str, metric: str) -> int:
     """A count from an expectation's result; an expectation GX could not evaluate is an error, not a FAIL."""
     if key in r.result:
-        return int(r.result[key])
+        return int(r.result[key] or 0)  # None: the metric has no row that day, so nothing is unexpected
     info = r.exception_info
     messages = (
         [info["exception_message"]]

@@ -22,7 +22,7 @@ def test_embedded_postgres_fallback(monkeypatch: pytest.MonkeyPatch, tmp_path) -
         assert url != settings.database_url
         with storage.transaction(url) as cur:
             cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'truth' ORDER BY 1")
-            assert [r[0] for r in cur.fetchall()] == ["results", "staging"]  # the schema is in place
+            assert [r[0] for r in cur.fetchall()] == ["recomputed", "results", "staging"]  # the schema is in place
     finally:
         pg._embedded.cleanup()
         pg._embedded = None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from datetime import date
 from pathlib import Path
 
@@ -45,13 +44,12 @@ def defs() -> Definitions:
 
 @pytest.fixture
 def settings(database: str, tmp_path: Path) -> config.Settings:
-    """Settings on the test database, with a copy of the repo's GX project so no run writes into the repo."""
-    gx_root = tmp_path / "expectations"
-    shutil.copytree(config.REPO_ROOT / "expectations", gx_root, ignore=shutil.ignore_patterns("uncommitted"))
+    """Settings on the test database, with the GX projects under the test's own directory."""
+    gx_root = tmp_path / "gx"
     with storage.transaction(database) as cur:
         cur.execute(
             "TRUNCATE stream.results, truth.results, quality.metrics, quality.accuracy_history,"
-            " quality.window_accuracy, quality.alerts CASCADE"
+            " quality.window_accuracy, quality.alerts, truth.recomputed CASCADE"
         )
     return dataclasses.replace(config.load(), database_url=database, gx_root=gx_root)
 
@@ -122,14 +120,16 @@ def test_identical_stream_and_truth_pass(settings, defs, same_day):
     assert report.summary_line() == (
         f"2026-11-24 PASS: jobs {WINDOWS_PER_METRIC} windows: 0 missing, 0 over tolerance 0 (max error 0), "
         f"0 incomplete; cpu_seconds {WINDOWS_PER_METRIC} windows: 0 missing, 0 over tolerance 0 (max error 0), "
-        "0 incomplete"
+        "0 incomplete; no records rejected"
     )
     for m in report.metrics:  # what the drift checks read besides the error
         assert (m.incomplete, m.impossible, m.within_tolerance) == (0, 0, True)
         assert m.report_page.startswith(f"validations/accuracy_{m.metric}/run-identical/")
         assert (report.docs_index.parent / m.report_page).is_file()
     assert report.metrics[0].truth_events > WINDOWS_PER_METRIC
-    assert report.docs_index == settings.gx_root / "uncommitted" / "data_docs" / "local_site" / "index.html"
+    project = settings.gx_root / f"cluster_jobs-{storage.db_name(settings.database_url)}"
+    assert settings.gx_project(defs.dataset.name) == project  # one project per dataset and database
+    assert report.docs_index == project / "uncommitted" / "data_docs" / "local_site" / "index.html"
     assert report.docs_index.is_file()
     assert "accuracy_jobs" in report.docs_index.read_text()
 
@@ -146,10 +146,11 @@ def test_identical_stream_and_truth_pass(settings, defs, same_day):
 
 def test_project_is_idempotent_and_holds_no_connection_string(settings, defs, same_day):
     validate_day(settings, defs, DAY)
-    files = _project_files(settings.gx_root)
+    project = settings.gx_project(defs.dataset.name)
+    files = _project_files(project)
     validate_day(settings, defs, DAY)
 
-    assert _project_files(settings.gx_root) == files  # a re-run rewrites nothing that is committed
+    assert _project_files(project) == files  # a re-run rewrites nothing that is committed
     assert {
         "expectations/accuracy_jobs.json",
         "expectations/accuracy_cpu_seconds.json",
@@ -157,7 +158,7 @@ def test_project_is_idempotent_and_holds_no_connection_string(settings, defs, sa
         "checkpoints/nightly_accuracy.json",
     } <= set(files)
     assert "connection_string: ${BATCHMARK_GX_CONNECTION}" in files["great_expectations.yml"]
-    for path in settings.gx_root.rglob("*"):
+    for path in project.rglob("*"):
         if path.is_file() and path.suffix in (".yml", ".json", ".html"):
             assert "127.0.0.1:5432" not in path.read_text(), path
     with storage.transaction(settings.database_url) as cur:
@@ -192,7 +193,11 @@ def test_altered_stream_value_fails_only_that_metric(settings, defs, same_day):
     assert history["jobs"][1:5] == (True, WINDOWS_PER_METRIC, 0, 0)
 
     # The stored validation result (shown in the Data Docs) names the failing window.
-    results = list((settings.gx_root / "uncommitted" / "validations" / "accuracy_cpu_seconds").rglob("*.json"))
+    results = list(
+        (settings.gx_project(defs.dataset.name) / "uncommitted" / "validations" / "accuracy_cpu_seconds").rglob(
+            "*.json"
+        )
+    )
     stored = json.loads(results[0].read_text())
     between = next(r for r in stored["results"] if r["expectation_config"]["type"].endswith("_between"))
     assert between["result"]["partial_unexpected_index_list"] == [
@@ -238,7 +243,9 @@ def test_tolerance_follows_the_definitions(settings, defs, same_day):
     assert report.success is True
     assert (cpu.success, cpu.over_tolerance, cpu.tolerance) == (True, 0, 0.02)
     assert cpu.max_error == pytest.approx(0.01)
-    suite = json.loads((settings.gx_root / "expectations" / "accuracy_cpu_seconds.json").read_text())
+    suite = json.loads(
+        (settings.gx_project(defs.dataset.name) / "expectations" / "accuracy_cpu_seconds.json").read_text()
+    )
     between = next(e for e in suite["expectations"] if e["type"] == "expect_column_values_to_be_between")
     assert between["kwargs"]["max_value"] == 0.02
     assert _history(settings, "run-loose")["cpu_seconds"][6] == 0.02
@@ -246,8 +253,10 @@ def test_tolerance_follows_the_definitions(settings, defs, same_day):
     # A metric dropped from the definitions loses its suite and validation definition.
     only_jobs = dataclasses.replace(defs, metrics=(defs.metric("jobs"),))
     assert [m.metric for m in validate_day(settings, only_jobs, DAY).metrics] == ["jobs"]
-    assert not (settings.gx_root / "expectations" / "accuracy_cpu_seconds.json").exists()
-    assert not (settings.gx_root / "validation_definitions" / "accuracy_cpu_seconds.json").exists()
+    assert not (settings.gx_project(defs.dataset.name) / "expectations" / "accuracy_cpu_seconds.json").exists()
+    assert not (
+        settings.gx_project(defs.dataset.name) / "validation_definitions" / "accuracy_cpu_seconds.json"
+    ).exists()
 
 
 def test_no_truth_for_the_day_is_refused(settings, defs, same_day):
@@ -365,7 +374,75 @@ def test_data_docs_work_offline_in_a_browser(settings, defs, same_day):
             figures
         )
         assert "no late, lost or duplicated events" in figures and "This day in the Accuracy view" in figures
+        assert "Input that day: no records rejected" in figures
         assert page.evaluate("getComputedStyle(document.body).fontFamily").startswith("-apple-system")  # bootstrap
         page.screenshot(path=str(settings.home / "data-docs-offline.png"), full_page=False)
         browser.close()
     assert outside == [], outside
+
+
+def test_another_datasets_validation_writes_its_own_project_and_leaves_the_repository_alone(
+    settings, defs, same_day, tmp_path
+):
+    import subprocess
+
+    home_settings = dataclasses.replace(settings, gx_root=config.load().gx_root)  # the default: the runtime home
+    assert config.REPO_ROOT not in home_settings.gx_root.parents
+    other = tmp_path / "other.toml"
+    other.write_text(defs.source.read_text().replace('name = "cluster_jobs"', 'name = "other_jobs"', 1))
+    other_defs = load_definitions(other)
+    before = subprocess.run(["git", "status", "--porcelain"], cwd=config.REPO_ROOT, capture_output=True, text=True)
+    report = validate_day(home_settings, other_defs, DAY, run_id="run-other-dataset")
+    after = subprocess.run(["git", "status", "--porcelain"], cwd=config.REPO_ROOT, capture_output=True, text=True)
+    assert after.stdout == before.stdout  # nothing in the repository was written or deleted
+    project = home_settings.gx_project("other_jobs")
+    assert report.docs_index.is_relative_to(project) and (project / "expectations" / "accuracy_jobs.json").is_file()
+    assert project != home_settings.gx_project("cluster_jobs")  # Data Docs per dataset
+    assert not (config.REPO_ROOT / "expectations" / "expectations").exists()  # only the template is tracked
+
+
+def test_a_day_certified_empty_passes_with_no_window_and_a_never_recomputed_day_is_refused(settings, defs):
+    empty_day = date(2026, 11, 20)
+    with pytest.raises(ConfigError, match="there is no batch truth for 2026-11-20"):
+        validate_day(settings, defs, empty_day)
+    storage.replace_truth_day(settings.database_url, empty_day, [m.name for m in defs.metrics], [], "empty-run")
+    report = validate_day(settings, defs, empty_day, run_id="run-empty")
+    assert report.success is True
+    assert [(m.metric, m.windows, m.missing, m.over_tolerance, m.success) for m in report.metrics] == [
+        ("jobs", 0, 0, 0, True),
+        ("cpu_seconds", 0, 0, 0, True),
+    ]
+    assert report.summary_line().startswith("2026-11-20 PASS: jobs 0 windows: 0 missing")
+
+
+def test_a_metric_with_no_window_that_day_is_judged_when_it_was_recomputed(settings, defs, same_day):
+    only_jobs = [r for r in same_day if r.metric == "jobs"]
+    rows = [(r.metric, r.group_key, r.window_start_ms, r.window_end_ms, r.value, r.n_events, None) for r in only_jobs]
+    storage.replace_truth_day(settings.database_url, DAY, [m.name for m in defs.metrics], rows, "truth-jobs-only")
+    _execute(settings, "DELETE FROM stream.results WHERE metric = 'cpu_seconds'")
+    report = validate_day(settings, defs, DAY, run_id="run-no-cpu")
+    assert report.success is True and _by_metric(report)["cpu_seconds"].windows == 0
+    _execute(settings, "DELETE FROM truth.recomputed WHERE metric = 'cpu_seconds'")  # an older truth: no record
+    with pytest.raises(ConfigError, match="has no windows for cpu_seconds"):
+        validate_day(settings, defs, DAY)
+
+
+def test_the_days_rejections_are_in_the_summary_line_and_the_report(settings, defs, same_day):
+    with storage.transaction(settings.database_url) as cur:
+        cur.execute("DELETE FROM stream.rejections; DELETE FROM quality.rejections")
+        storage.add_stream_rejections(
+            cur, settings.events_topic, 0, "e1", {(DAY, "missing_field"): 3, (DAY, "wrong_type"): 2}
+        )
+        storage.add_stream_rejections(cur, settings.events_topic, 1, "e1", {(DAY, "missing_field"): 1})
+        storage.add_stream_rejections(cur, "another-topic", 0, "e1", {(DAY, "invalid_json"): 7})  # not this dataset
+        cur.execute("INSERT INTO quality.rejections VALUES (%s, 'lake', 'out_of_range', 2)", (DAY,))
+    report = validate_day(settings, defs, DAY, run_id="run-rejections")
+    assert report.summary_line().endswith(
+        "; 8 records rejected (lake: out_of_range 2; stream: missing_field 4, wrong_type 2)"
+    )
+    page = (report.docs_index.parent / report.metrics[0].report_page).read_text()
+    assert "Input that day: 8 records rejected (lake: out_of_range 2; stream: missing_field 4, wrong_type 2)" in page
+    with storage.transaction(settings.database_url) as cur:  # the drift checks' input: each record once
+        cur.execute("SELECT records FROM quality.rejected_per_day WHERE day = %s", (DAY,))
+        assert cur.fetchone()[0] == 8 + 7  # every topic of the database: the view is per day
+        cur.execute("DELETE FROM stream.rejections; DELETE FROM quality.rejections")
