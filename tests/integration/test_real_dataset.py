@@ -1,10 +1,12 @@
-"""A real public dataset through the documented path: `la-riots.csv` from the PyPI package vega_datasets.
+"""Real files through the documented path: `la-riots.csv` from the PyPI package vega_datasets, and a generated CSV
+with nulls of every type in local time across a DST change.
 
-The file as it is (no id column, a null age, columns no metric reads, dates in Los Angeles time) with the
+La-riots as it is (no id column, a null age, columns no metric reads, dates in Los Angeles time) with the
 definitions file examples/la_riots/metrics.toml: replayed into its own topic, streamed by the Faust worker,
 recomputed by Spark for a Los Angeles day and validated with GX. The exact kinds must equal the truth, the
 sketches stay within their bounds, a metric with no window that day (no unknown age) is still judged, and a
-day inside the range with no deaths is certified empty.
+day inside the range with no deaths is certified empty. The generated CSV adds three refused rows: counted per
+reason in the quality table, and the exact kinds still equal the truth on New York's 23-hour day.
 """
 
 from __future__ import annotations
@@ -95,3 +97,76 @@ def test_a_day_without_events_is_certified_empty(riots) -> None:  # noqa: ANN001
     later = date(2030, 1, 1)  # the stream has not passed it: refused, not certified
     with pytest.raises(Exception, match="cannot be certified empty"):
         spark.submit(settings, later, "la-riots-future")
+
+
+@pytest.fixture(scope="module")
+def nulls_day(pg_url: str, broker, home: Path):  # noqa: ANN001, ANN201
+    """A generated CSV with nulls in every field type, NA tokens, an extra column, no id column and local date
+    and clock columns across New York's spring DST change, plus three rows the definitions refuse; the dataset's
+    days are New York days."""
+    from tests.test_custom_dataset import NULLS_DEFS, _nulls_csv
+
+    defs_file = home / "nulls-defs.toml"
+    defs_file.write_text(
+        NULLS_DEFS.replace('partition_key = "key"', 'partition_key = "key"\ntimezone = "America/New_York"')
+    )
+    data = home / "nulls.csv"
+    rows = _nulls_csv(data)
+    with data.open("a") as fh:  # refused: a null key (not nullable), a float that is text, an int with a fraction
+        fh.write(",2026-03-08,04:00:01,x,1,1,bad 1\n")
+        fh.write("a,2026-03-08,04:00:02,x,abc,1,bad 2\n")
+        fh.write("b,2026-03-08,04:00:03,x,1,1.5,bad 3\n")
+    saved = {k: os.environ.get(k) for k in ("BATCHMARK_DEFINITIONS", "BATCHMARK_EVENTS_TOPIC", "BATCHMARK_DLQ_TOPIC")}
+    os.environ["BATCHMARK_DEFINITIONS"] = str(defs_file)
+    os.environ["BATCHMARK_EVENTS_TOPIC"] = "nulls"
+    os.environ.pop("BATCHMARK_DLQ_TOPIC", None)
+    try:
+        settings = config.load()
+        defs = load_definitions(settings.definitions_path)
+        with running_worker(settings, home, "nulls") as (worker, log):
+            stats = replay(data, settings.bootstrap_servers, settings.events_topic, defs, progress=False)
+            lateness = max(m.allowed_lateness_ms for m in defs.metrics)
+            wait_for_day(settings, date(2026, 3, 8), lateness, worker, log, timeout_s=240)
+        yield settings, defs, stats, rows
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_nulls_and_local_days_through_the_stream_and_spark(nulls_day, pg_url: str) -> None:  # noqa: ANN001
+    settings, defs, stats, rows = nulls_day
+    spring = date(2026, 3, 8)  # a 23-hour day in New York
+    assert dict(stats.rejected) == {"missing_field": 1, "wrong_type": 2}
+    with storage.transaction(pg_url) as cur:  # the worker counted the same, per day and reason
+        cur.execute("SELECT day, reason, sum(records) FROM stream.rejections WHERE topic = 'nulls' GROUP BY 1, 2")
+        assert sorted(cur.fetchall()) == [(spring, "missing_field", 1), (spring, "wrong_type", 2)]
+    result = spark.submit(settings, spring, "nulls-spring")
+    calendar = defs.dataset.calendar
+    in_day = [r for r in rows if calendar.day_of(r["at"]) == spring]
+    assert result["truth_events"] == len(in_day)
+    report = validation.validate_day(settings, defs, spring, run_id="nulls-spring-validate")
+    assert report.success, report.summary_line()
+    assert report.summary_line().endswith("; 3 records rejected (stream: wrong_type 2, missing_field 1)")
+    by = {m.metric: m for m in report.metrics}
+    assert by["i_mean"].truth_events == sum(r["i"] is not None for r in in_day)  # nulls skipped by the batch too
+    with storage.transaction(pg_url) as cur:
+        cur.execute(
+            """SELECT metric, count(*), count(*) FILTER (WHERE stream_value IS DISTINCT FROM batch_value),
+                      max(error), min(window_start), max(window_start)
+               FROM quality.comparison WHERE day = %s GROUP BY metric""",
+            (spring,),
+        )
+        figures = {r[0]: r[1:] for r in cur.fetchall()}
+        cur.execute("SELECT value FROM truth.results WHERE day = %s AND metric = 'rows_without_f'", (spring,))
+        assert sum(v for (v,) in cur.fetchall()) == sum(r["f"] is None for r in in_day)
+    for name in ("rows", "rows_without_f", "f_sum", "i_mean", "f_min", "i_max"):
+        windows, differ, worst, *_ = figures[name]
+        assert windows > 0 and differ == 0 and worst == 0, name  # exact kinds: equal, window by window
+    for name in ("s_distinct", "i_top", "f_p90"):
+        assert figures[name][2] <= defs.metric(name).tolerance, name
+    start, _ = calendar.day_bounds_ms(spring)
+    first = min(f[3] for f in figures.values())
+    assert int(first.timestamp() * 1000) == start  # the day's first window starts at New York's midnight
