@@ -115,7 +115,9 @@ def _die_with_parent() -> None:
 async def _metadata_ok(bootstrap: str) -> bool:
     from aiokafka.admin import AIOKafkaAdminClient
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
+    from batchmark.kafka import client_kwargs
+
+    admin = AIOKafkaAdminClient(**client_kwargs(bootstrap, request_timeout_ms=3000))
     try:
         await admin.start()
         await admin.list_topics()
@@ -145,8 +147,9 @@ async def create_topics_async(bootstrap: str, topics: dict[str, int], keyed: tup
     from aiokafka.errors import TopicAlreadyExistsError
 
     from batchmark.errors import ConfigError
+    from batchmark.kafka import client_kwargs
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000)
+    admin = AIOKafkaAdminClient(**client_kwargs(bootstrap, request_timeout_ms=10000))
     await admin.start()
     try:
         existing = set(await admin.list_topics())

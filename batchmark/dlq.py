@@ -21,6 +21,7 @@ import orjson
 from batchmark import storage
 from batchmark.definitions import Definitions
 from batchmark.events import Rejection, decode, parse_event_time, validate_record
+from batchmark.kafka import client_kwargs
 
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
@@ -79,9 +80,9 @@ def _letter(record: Any) -> DeadLetter | None:
 async def _read_async(bootstrap: str, topic: str) -> list[DeadLetter]:
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
-    await consumer.start()
+    consumer = AIOKafkaConsumer(**client_kwargs(bootstrap, enable_auto_commit=False, group_id=None))
     try:
+        await consumer.start()
         await consumer.topics()  # fetches the cluster's metadata
         parts = consumer.partitions_for_topic(topic) or set()
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
@@ -172,7 +173,7 @@ def redrive(
     async def send() -> None:
         from aiokafka import AIOKafkaProducer
 
-        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+        producer = AIOKafkaProducer(**client_kwargs(bootstrap, acks="all", linger_ms=5))
         await producer.start()
         try:
             futures = []

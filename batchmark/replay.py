@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from batchmark.definitions import Dataset, Definitions
 from batchmark.events import Rejection, decode, parse_event_time, validate_record
+from batchmark.kafka import client_kwargs
 
 WATERMARK_KEY = "__batchmark_watermark__"
 
@@ -106,14 +107,19 @@ async def replay_async(
 
     ds = defs.dataset
     producer = AIOKafkaProducer(
-        bootstrap_servers=bootstrap,
-        linger_ms=5,
-        max_batch_size=1 << 20,
-        acks=1,
-        request_timeout_ms=30000,
-        max_request_size=8 << 20,  # oversized records must reach the worker, which dead-letters them
+        **client_kwargs(
+            bootstrap,
+            linger_ms=5,
+            max_batch_size=1 << 20,
+            acks=1,
+            max_request_size=8 << 20,  # oversized records must reach the worker, which dead-letters them
+        )
     )
-    await producer.start()
+    try:
+        await producer.start()
+    except BaseException:
+        await producer.stop()  # a client that never connected still holds its resources
+        raise
     sent = 0
     max_ts: int | None = None
     rejected: Counter[str] = Counter()

@@ -30,6 +30,7 @@ from batchmark import config, storage
 from batchmark.broker import create_topics_async, settings_topics
 from batchmark.definitions import load_definitions
 from batchmark.errors import ConfigError, ServiceUnavailable
+from batchmark.kafka import client_kwargs, security_from_env
 from batchmark.stream_processor import Seek, StreamProcessor
 
 log = logging.getLogger("batchmark.worker")
@@ -53,6 +54,7 @@ storage.init_schema(settings.database_url)
 app = faust.App(
     "batchmark-stream",
     broker=f"kafka://{settings.bootstrap_servers}",
+    broker_credentials=security_from_env().faust_credentials(),  # TLS / SASL from KAFKA_* (batchmark.kafka)
     store="memory://",
     value_serializer="raw",
     key_serializer="raw",
@@ -171,16 +173,18 @@ async def _fetch_events() -> None:
         _fatal(exc)
         return
     consumer = _consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers,
-        group_id=EVENTS_GROUP,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        session_timeout_ms=10_000,
-        heartbeat_interval_ms=1_000,
-        rebalance_timeout_ms=10_000,
-        max_poll_interval_ms=300_000,
-        max_partition_fetch_bytes=MAX_FETCH_SIZE,
-        fetch_max_bytes=max(MAX_FETCH_SIZE * settings.partitions, 52_428_800),
+        **client_kwargs(
+            settings.bootstrap_servers,
+            group_id=EVENTS_GROUP,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=1_000,
+            rebalance_timeout_ms=10_000,
+            max_poll_interval_ms=300_000,
+            max_partition_fetch_bytes=MAX_FETCH_SIZE,
+            fetch_max_bytes=max(MAX_FETCH_SIZE * settings.partitions, 52_428_800),
+        )
     )
     consumer.subscribe([settings.events_topic], listener=_Rebalance(consumer))
     loop = asyncio.get_running_loop()

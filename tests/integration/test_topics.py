@@ -59,3 +59,30 @@ def test_topics_have_the_configured_partitions_and_a_mismatch_is_refused(broker,
         create_topics(broker.bootstrap, {"orders": 2}, keyed=("orders",))
     create_topics(broker.bootstrap, {"orders.dlq": 4})  # a dead-letter topic is not keyed: left as it is
     assert os.environ["BATCHMARK_PARTITIONS"] == "2"
+
+
+def test_the_security_settings_reach_every_client(broker, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """The embedded broker speaks PLAINTEXT only: with SASL configured, topic management, the dead-letter reader
+    and the replayer all fail at the SASL handshake, so each of them used the setting."""
+
+    from aiokafka.errors import KafkaConnectionError as AioConnectionError
+
+    from batchmark import dlq
+    from batchmark.definitions import load_definitions
+    from batchmark.replay import replay
+
+    monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
+    monkeypatch.setenv("KAFKA_SASL_USERNAME", "batchmark")
+    monkeypatch.setenv("KAFKA_SASL_PASSWORD", "secret")
+    with pytest.raises(AioConnectionError):
+        create_topics(broker.bootstrap, {"secured": 1})
+    with pytest.raises(AioConnectionError):
+        dlq.read(broker.bootstrap, "secured.dlq")
+    data = tmp_path / "one.jsonl"
+    data.write_text('{"event_id": "a"}\n')
+    with pytest.raises(AioConnectionError):
+        replay(data, broker.bootstrap, "secured", load_definitions(config.load().definitions_path), progress=False)
+    monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "PLAINTEXT")
+    monkeypatch.delenv("KAFKA_SASL_USERNAME")
+    monkeypatch.delenv("KAFKA_SASL_PASSWORD")
+    create_topics(broker.bootstrap, {"secured": 1})  # the same calls, in the clear, work
