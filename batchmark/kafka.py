@@ -140,3 +140,30 @@ def client_kwargs(bootstrap: str, **overrides: Any) -> dict[str, Any]:
     """Everything an aiokafka client needs to connect to `bootstrap` with the environment's security settings;
     `overrides` (timeouts, batching) win."""
     return {"bootstrap_servers": bootstrap, **security_from_env().client_kwargs(), **overrides}
+
+
+async def log_holds(bootstrap: str, tp: Any, offset: int, timeout_ms: int = 3000) -> bool | None:
+    """Whether a partition's log still holds `offset` (a record at or after it can be fetched), read with a
+    throwaway consumer of no group; None when the broker could not be asked. A log that starts after it or ends
+    before it is out of range: False."""
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.errors import KafkaError, OffsetOutOfRangeError
+
+    consumer = AIOKafkaConsumer(
+        **client_kwargs(bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="none")
+    )
+    try:
+        await consumer.start()
+        consumer.assign([tp])
+        consumer.seek(tp, offset)
+        batch = await consumer.getmany(tp, timeout_ms=timeout_ms, max_records=1)
+        if batch.get(tp):
+            return True
+        mark = consumer.highwater(tp)  # nothing fetched: a control record, or the end of the log
+        return mark is not None and mark > offset
+    except OffsetOutOfRangeError:
+        return False
+    except KafkaError:
+        return None
+    finally:
+        await consumer.stop()

@@ -113,20 +113,25 @@ class StreamProcessor:
         self._last_live = 0.0
 
     # -- assignment -------------------------------------------------------------------------------------
-    def assign(self, partition: int, committed: int | None = None, check_broker: bool = False) -> int | None:
+    def checkpoint_of(self, partition: int) -> tuple[int, int, int, str] | None:
+        """The partition's Postgres checkpoint: (resume offset, next offset, watermark, epoch), or None."""
+        return storage.read_checkpoint(self.settings.database_url, self.topic, partition)
+
+    def assign(self, partition: int, log_lost: bool = False) -> int | None:
         """Take over a partition from its Postgres checkpoint; returns the offset to resume from (or None).
 
-        committed: the consumer group's offset the broker holds for the partition. With check_broker, a
-        checkpoint that has processed records while the broker holds no offset means the broker lost its
-        state (the embedded one forgets everything on restart): say so, and start a new epoch from the
-        topic's beginning. Results and lake files already written stay as they are.
+        The checkpoint is the truth: the consumer group's committed offset is not consulted (it expires, and a
+        renamed group has none). log_lost: the broker's own evidence that its log no longer holds the records
+        the checkpoint says were processed (its log ends before the checkpoint's last offset: a broker that
+        forgot everything, a topic recreated). Then say so and start a new epoch from the topic's beginning;
+        results and lake files already written stay as they are.
         """
         url = self.settings.database_url
-        ckpt = storage.read_checkpoint(url, self.topic, partition)
-        if ckpt and check_broker and committed is None and ckpt[1] > 0:
+        ckpt = self.checkpoint_of(partition)
+        if ckpt and log_lost and ckpt[1] > 0:
             resume, next_offset, watermark, old_epoch = ckpt
             log.error(
-                "%s[%d]: the broker has no committed offset, but Postgres records offsets up to %d as processed "
+                "%s[%d]: the broker's log ends before offset %d, which Postgres records as processed "
                 "(epoch %s, watermark %s). The broker was restarted or the topic recreated, so its records are "
                 "gone. Starting a new epoch from the topic's beginning; stream results and lake files already "
                 "written are kept. Replay everything after %s (e.g. `batchmark replay FILE`) to restore results.",
