@@ -332,8 +332,21 @@ def _empty_day(
     done, why = day_completeness(
         settings.events_lake, settings.events_topic, day, settings.partitions, lateness, defs.dataset.calendar
     )
-    if not done or archive:
-        what = "the archive has its events but the stream landed none" if archive else why
+    with storage.transaction(settings.database_url) as cur:  # results of the day mean its partition went missing
+        cur.execute("SELECT count(*) FROM stream.results WHERE day = %s", (day,))
+        stream_windows = cur.fetchone()[0]
+        cur.execute("SELECT count(*) FROM truth.results WHERE day = %s", (day,))
+        truth_windows = cur.fetchone()[0]
+    if archive:
+        what = "an archive was given for it: the recompute needs the stream's lake partition of the day too"
+    elif stream_windows or truth_windows:
+        what = (
+            f"the stream wrote {stream_windows} windows and the truth has {truth_windows} for it, so its lake "
+            "partition went missing: restore it (or replay the day) instead of certifying the day empty"
+        )
+    else:
+        what = "" if done else why
+    if what:
         print(f"no lake partition for {day} at {path}, and the day cannot be certified empty: {what}", file=sys.stderr)
         return 2
     rows = storage.swap_truth_day(settings.database_url, day, [m.name for m in defs.metrics], run_id, {})

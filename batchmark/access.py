@@ -87,7 +87,6 @@ TABLES: dict[str, dict[tuple[str, str], tuple[str, ...]]] = {
         ("stream", "open_windows"): READ,
         ("stream", "rejections"): READ,
         ("truth", "recomputed"): READ,
-        ("quality", "rejected_per_day"): READ,
     },
 }
 SEQUENCES: dict[str, tuple[tuple[str, str], ...]] = {

@@ -48,7 +48,7 @@ class ViewData:
 
 
 def load(url: str, defs: Definitions, report_url: str, day: date | None = None, days: int = 30,
-         decision_days: int = 14) -> ViewData:  # fmt: skip
+         decision_days: int = 14, topic: str = "events") -> ViewData:  # fmt: skip
     """Read the view's data: the day (default: the newest validated one) and the `days` before it. Reads only
     (no schema work on a page view: the writers create the tables)."""
     with storage.transaction(url) as cur:
@@ -58,7 +58,7 @@ def load(url: str, defs: Definitions, report_url: str, day: date | None = None, 
     kinds = {m.name: m.kind for m in defs.metrics}
     if day is None:
         return ViewData(None, days, decision_days, {}, {}, [], [], [], kinds, report_url)
-    by_metric, rejected = alerts.history(url, day)
+    by_metric, rejected = alerts.history(url, day, topic)
     since = day - timedelta(days=max(days, decision_days) - 1)
     history = {m: [r for r in rows if r["day"] >= since] for m, rows in by_metric.items() if m in kinds}
     with storage.transaction(url) as cur:

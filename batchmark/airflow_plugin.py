@@ -214,7 +214,9 @@ def batchmark_app() -> Any:
         except ConfigError as exc:
             return JSONResponse({"detail": str(exc)}, status_code=400)
         defs = load_definitions(settings.definitions_path)
-        data = accuracy_view.load(settings.database_url, defs, settings.report_url, focus, days, settings.decision_days)
+        data = accuracy_view.load(
+            settings.database_url, defs, settings.report_url, focus, days, settings.decision_days, settings.events_topic
+        )
         return HTMLResponse(accuracy_view.render(data, assets="static/vendor", page_url="accuracy"))
 
     @app.get("/accuracy")

@@ -2,7 +2,7 @@
 Airflow notifiers from an outbox.
 
 - :func:`evaluate_day` reads ``quality.accuracy_history`` (the newest validation of each day) and
-  ``quality.rejected_per_day``, lets :mod:`batchmark.drift` replay each (metric, check) state up to the day, and
+  ``storage.rejected_per_day``, lets :mod:`batchmark.drift` replay each (metric, check) state up to the day, and
   records the day's transitions in ``quality.alerts`` -- idempotent: evaluating a day again adds nothing. An
   alert equal to one recorded in the previous ``suppress_days`` days is kept but not sent (flapping).
 - Each alert gets one ``quality.alert_deliveries`` row per channel (an Airflow connection named in
@@ -72,15 +72,14 @@ ORDER BY metric, day, created_at DESC, id DESC
 """
 
 
-def history(url: str, until: date) -> tuple[dict[str, list[dict[str, Any]]], dict[date, int]]:
+def history(url: str, until: date, topic: str = "events") -> tuple[dict[str, list[dict[str, Any]]], dict[date, int]]:
     """({metric: the newest validation of each day up to `until`, as dicts in day order}, {day: records
-    rejected that day})."""
+    rejected that day} of the dataset whose events topic is `topic`)."""
     with storage.transaction(url) as cur:
         cur.execute(_HISTORY_SQL, (until,))
         names = [c.name for c in cur.description]
         rows = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
-        cur.execute("SELECT day, records FROM quality.rejected_per_day WHERE day <= %s", (until,))
-        rejected = {d: int(n) for d, n in cur.fetchall()}
+        rejected = storage.rejected_per_day(cur, topic, until)
     by_metric: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         r["rejected"] = rejected.get(r["day"], 0)
@@ -108,7 +107,7 @@ def evaluate_day(settings: Settings, defs: Definitions, day: date) -> list[Alert
     """
     url = settings.database_url
     storage.ensure_database(url)
-    by_metric, rejected = history(url, day)
+    by_metric, rejected = history(url, day, settings.events_topic)
     s = defs.alerts
     with storage.transaction(url) as cur:
         cur.execute("SELECT pg_advisory_xact_lock(4243)")

@@ -180,7 +180,8 @@ def _metric_windows(pdf: pd.DataFrame, m: Metric, stream: StreamValues, cache: d
     if (m.value_expr, agg.input) not in cache:  # metrics over the same values compute them once
         raw = m.value_fn(pdf) if m.value_fn is not None else pd.Series(1.0, index=pdf.index)
         if agg.input == "field" and m.value_type == "int" and raw.dtype.kind == "f":
-            raw = raw.astype("Int64")  # an int column with nulls arrives as floats: keep the stream's text, '3'
+            # an int column with nulls arrives as floats: back to Python ints, so the texts are the stream's '3'
+            raw = pd.Series(raw.astype("Int64").to_numpy(dtype=object, na_value=None), index=raw.index)
         cache[(m.value_expr, agg.input)] = (
             text_codes(raw.to_numpy(), sort=True) if agg.input == "field" else (raw.to_numpy(), None)
         )

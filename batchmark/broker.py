@@ -159,12 +159,20 @@ async def create_topics_async(bootstrap: str, topics: dict[str, int], keyed: tup
         if new:
             with contextlib.suppress(TopicAlreadyExistsError):  # created meanwhile: its count is checked below
                 await admin.create_topics(new)
-        found = {t["topic"]: len(t["partitions"]) for t in await admin.describe_topics(list(keyed))} if keyed else {}
+        found: dict[str, int] = {}
+        for _ in range(25):  # metadata may lag a topic just created: ask again for a few seconds
+            described = await admin.describe_topics(list(keyed)) if keyed else []
+            found = {t["topic"]: len(t["partitions"]) for t in described if not t.get("error_code") and t["partitions"]}
+            if set(found) >= set(keyed):
+                break
+            await asyncio.sleep(0.2)
     finally:
         await admin.close()
     for name in keyed:
         have, want = found.get(name), topics[name]
-        if have is not None and have != want:
+        if have is None:
+            raise ServiceUnavailable(f"the broker at {bootstrap} did not describe topic {name!r}: try again")
+        if have != want:
             raise ConfigError(
                 f"topic {name!r} has {have} partitions at {bootstrap} but the configuration says {want}: set "
                 f"BATCHMARK_PARTITIONS={have} to use it as it is, or name a new topic (BATCHMARK_EVENTS_TOPIC)"

@@ -189,12 +189,18 @@ def _dlq_redrive(s: config.Settings, topic: str, letters: list, positions: list[
     if not chosen:
         raise ConfigError("nothing to re-drive: name positions from `batchmark dlq` (e.g. 0:12), or 'all'")
     defs = load_definitions(s.definitions_path)
-    out = dlq.redrive(s.database_url, s.bootstrap_servers, topic, s.events_topic, defs, chosen)
+    out = dlq.redrive(s.database_url, s.bootstrap_servers, topic, defs, chosen)
+    sources = {d.position: d.topic for d in chosen}
     for pos, event_id in out.sent.items():
-        print(f"re-driven {pos} -> {s.events_topic} (event id {event_id})")
+        print(f"re-driven {pos} -> {sources[pos]} (event id {event_id})")
     for pos, why in out.skipped.items():
         print(f"not re-driven {pos}: {why}")
     print(f"{len(out.sent)} re-driven, {len(out.skipped)} not")
+    if out.sent:
+        print(
+            "The worker checks them with the definitions it started with (restart it with the fixed file if it is "
+            "not running them yet); recompute their days once it has landed them, so the truth includes them."
+        )
     return 0 if out.sent else 1
 
 
@@ -204,7 +210,7 @@ def _dlq_list(s: config.Settings, topic: str, letters: list, limit: int) -> int:
 
     from batchmark import dlq
 
-    done = dlq.redriven_positions(s.database_url, topic)
+    done = dlq.redriven_sources(s.database_url)
     shown = letters[-limit:]
     more = f" (the last {len(shown)} shown)" if len(shown) < len(letters) else ""
     print(f"{len(letters)} dead letters in {topic}{more}")
@@ -213,7 +219,7 @@ def _dlq_list(s: config.Settings, topic: str, letters: list, limit: int) -> int:
         print("by reason: " + ", ".join(f"{r} {n}" for r, n in counts.most_common()))
         print(f"{'position':>10}  {'reason':<15} {'from':<14} detail | raw preview")
     for d in shown:
-        mark = " [re-driven]" if d.position in done else ""
+        mark = " [re-driven]" if d.source in done else ""
         print(
             f"{d.position:>10}  {d.reason:<15} {f'{d.partition}:{d.offset}':<14} "
             f"{dlq.preview(d.detail.encode(), 60)} | {dlq.preview(d.raw, 80)}{mark}"
@@ -290,7 +296,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.days < 1 or args.days > 400:
         raise ConfigError(f"--days must be between 1 and 400, not {args.days}")
     data = accuracy_view.load(
-        s.database_url, load_definitions(s.definitions_path), s.report_url, day, args.days, s.decision_days
+        s.database_url,
+        load_definitions(s.definitions_path),
+        s.report_url,
+        day,
+        args.days,
+        s.decision_days,
+        s.events_topic,
     )
     if data.day is None:
         raise ConfigError("no validation recorded yet: validate a day first (batchmark validate --date D)")

@@ -107,7 +107,7 @@ class CsvMapping:
 
     def __init__(self, path: Path, ds: Any) -> None:
         self.path, self.ds, self.spec = path, ds, ds.csv
-        self.zone = self.spec.time_zone or (None if ds.calendar.is_utc else ds.timezone)  # for times without one
+        self.zone = self.spec.time_zone or ds.timezone  # the zone of times written without one
         with open(path, newline="", encoding="utf-8-sig") as fh:
             header = next(csv.reader(fh, delimiter=self.spec.delimiter), None)
         if not header:
@@ -140,15 +140,18 @@ class CsvMapping:
                     yield line, row
 
     def check_ids(self) -> int:
-        """Refuse id collisions (equal id cells, different rows) before anything is sent; the number of rows."""
+        """Refuse id collisions (equal id cells, records that differ) before anything is sent; the number of rows.
+        Rows are compared as the records they become: columns no field reads, or two spellings of null, do not
+        make two rows different."""
         if self.id_cols is None:
             return sum(1 for _ in self._rows())
         seen: dict[bytes, tuple[bytes, int]] = {}
         n = 0
         for line, row in self._rows():
             n += 1
+            record = self._record(row)
             key = hashlib.blake2b("\x1f".join(self._cell(row, i) for i in self.id_cols).encode(), digest_size=12)
-            whole = hashlib.blake2b("\x1f".join(row).encode(), digest_size=12).digest()
+            whole = hashlib.blake2b(record, digest_size=12).digest()
             first = seen.setdefault(key.digest(), (whole, line))
             if first[0] != whole:
                 raise ConfigError(
@@ -164,27 +167,29 @@ class CsvMapping:
 
     def records(self) -> Iterator[bytes]:
         """Each row as the JSON record the worker validates."""
+        for _, row in self._rows():
+            yield self._record(row)
+
+    def _record(self, row: list[str]) -> bytes:
+        """One row as a JSON record: id, time and the declared fields, nulls as null."""
         nulls, spec, ds = self.spec.null_values, self.spec, self.ds
         cell = self._cell
-        for _, row in self._rows():
-            rec: dict[str, object] = {}
-            if self.id_cols is not None:
-                rec[ds.event_id] = derived_id([cell(row, i) for i in self.id_cols])
-            else:
-                raw_id = cell(row, self.id_col)
-                rec[ds.event_id] = None if raw_id in nulls else raw_id
-            if self.time_cols is not None:
-                text = " ".join(cell(row, i) for i in self.time_cols)
-                rec[ds.event_time] = (
-                    None if text.strip() in nulls else parse_local_time(text, spec.time_format, self.zone)
-                )
-            else:
-                text = cell(row, self.time_col)
-                rec[ds.event_time] = None if text in nulls else _time_cell(text, spec.time_format, self.zone)
-            for name, i, ftype in self.fields:
-                c = cell(row, i)
-                rec[name] = None if c in nulls else _typed(c, ftype)
-            yield orjson.dumps(rec)
+        rec: dict[str, object] = {}
+        if self.id_cols is not None:
+            rec[ds.event_id] = derived_id([cell(row, i) for i in self.id_cols])
+        else:
+            raw_id = cell(row, self.id_col)
+            rec[ds.event_id] = None if raw_id in nulls else raw_id
+        if self.time_cols is not None:
+            text = " ".join(cell(row, i) for i in self.time_cols)
+            rec[ds.event_time] = None if text.strip() in nulls else parse_local_time(text, spec.time_format, self.zone)
+        else:
+            text = cell(row, self.time_col)
+            rec[ds.event_time] = None if text in nulls else _time_cell(text, spec.time_format, self.zone)
+        for name, i, ftype in self.fields:
+            c = cell(row, i)
+            rec[name] = None if c in nulls else _typed(c, ftype)
+        return orjson.dumps(rec)
 
 
 def _time_cell(text: str, time_format: str | None, zone: str | None) -> object:

@@ -239,16 +239,19 @@ class Definitions:
 def _dataset(raw: dict[str, Any]) -> Dataset:
     fields = []
     for name, spec in (raw.get("fields") or {}).items():
+        at = ("dataset", "fields", name)  # where the problem is, for its line in the file
         if not _NAME.match(name) or name in RESERVED:
-            raise ConfigError(f"field name {name!r} is not allowed: use lower_snake_case, not {sorted(RESERVED)}")
+            raise _located(
+                ConfigError(f"field name {name!r} is not allowed: use lower_snake_case, not {sorted(RESERVED)}"), at
+            )
         ftype = spec.get("type", "string")
         if ftype not in FIELD_TYPES:
-            raise ConfigError(f"field {name!r} has type {ftype!r}; use one of {FIELD_TYPES}")
+            raise _located(ConfigError(f"field {name!r} has type {ftype!r}; use one of {FIELD_TYPES}"), at)
         lo, hi = spec.get("min"), spec.get("max")
         if lo is not None and hi is not None and lo > hi:
-            raise ConfigError(f"field {name!r}: min {lo} is above max {hi}")
+            raise _located(ConfigError(f"field {name!r}: min {lo} is above max {hi}"), at)
         if ftype == "string" and (lo is not None or hi is not None):
-            raise ConfigError(f"field {name!r}: min/max are for numbers; a string field takes max_length")
+            raise _located(ConfigError(f"field {name!r}: min/max are for numbers; a string field takes max_length"), at)
         fields.append(
             FieldSpec(
                 name=name,
@@ -273,12 +276,23 @@ def _dataset(raw: dict[str, Any]) -> Dataset:
         timezone=_zone(raw.get("timezone", "UTC")),
     )
     if ds.partition_key not in ds.field_names:
-        raise ConfigError(f"partition_key {ds.partition_key!r} is not one of the fields")
+        raise _located(
+            ConfigError(f"partition_key {ds.partition_key!r} is not one of the fields"), ("dataset", "partition_key")
+        )
     if ds.field(ds.partition_key).nullable:
-        raise ConfigError(f"partition_key {ds.partition_key!r} cannot be nullable: every record needs a partition")
+        raise _located(
+            ConfigError(f"partition_key {ds.partition_key!r} cannot be nullable: every record needs a partition"),
+            ("dataset", "fields", ds.partition_key),
+        )
     if ds.min_event_time_ms >= ds.max_event_time_ms:
-        raise ConfigError("min_event_time must be before max_event_time")
+        raise _located(ConfigError("min_event_time must be before max_event_time"), ("dataset", "max_event_time"))
     return ds
+
+
+def _located(exc: ConfigError, loc: tuple[Any, ...]) -> ConfigError:
+    """exc, marked with where in the file its problem is (load_definitions names that line)."""
+    exc.loc = loc  # type: ignore[attr-defined]
+    return exc
 
 
 def _zone(name: str) -> str:
@@ -406,6 +420,11 @@ def _metric(raw: dict[str, Any], ds: Dataset) -> Metric:
                 f"{'false' if not wm.group(2) else 'true'}; declare it nullable = true or drop the where"
             )
         where_rule = (wm.group(1), not wm.group(2))
+        if where_rule[1] and where_rule[0] in needs:
+            raise ConfigError(
+                f"metric {name!r}: where {where!r} keeps only records whose {where_rule[0]} is null, and its value "
+                f'needs {where_rule[0]}: it could never read a record (count them with kind = "count")'
+            )
     return Metric(
         name=name,
         kind=kind,
@@ -450,7 +469,7 @@ def load_definitions(path: Path | str) -> Definitions:
     try:
         ds = _dataset(checked.dataset.model_dump(exclude_unset=True))
     except ConfigError as exc:
-        raise ConfigError(f"{path}:{line_of(text, ('dataset',)) or 1}: {exc}") from None
+        raise ConfigError(f"{path}:{line_of(text, getattr(exc, 'loc', ('dataset',))) or 1}: {exc}") from None
     metrics = []
     for i, m in enumerate(checked.metric):
         try:

@@ -3,9 +3,10 @@
 Each dead letter (batchmark.stream_processor.dead_letter) holds the reason, its detail, where the record came
 from (topic, partition, offset) and its raw bytes. ``read`` lists them (filtered); ``preview`` shows raw bytes
 safely (control characters and invalid UTF-8 escaped, cut to a length); ``redrive`` sends chosen ones back to
-the events topic once the definitions accept them. A re-driven record is sent byte for byte, so it keeps its
+the topic they came from once the definitions accept them. A re-driven record is sent byte for byte, so it keeps its
 event id: the batch de-duplicates on it, and since the stream never counted the rejected copy, nothing is
-counted twice. Each dead letter is re-driven at most once (stream.redriven, keyed by its DLQ position).
+counted twice. Each record is re-driven at most once (stream.redriven, keyed by its source position), back
+to the topic it came from.
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ class DeadLetter:
     def position(self) -> str:
         """Where it sits in the dead-letter topic: 'partition:offset', what --show and --redrive take."""
         return f"{self.dlq_partition}:{self.dlq_offset}"
+
+    @property
+    def source(self) -> tuple[str, int, int]:
+        """The record's own position (topic, partition, offset): one record, however often it was dead-lettered
+        (a worker that stops before its checkpoint dead-letters the same record again after the restart)."""
+        return (self.topic, self.partition, self.offset)
 
 
 def preview(raw: bytes, limit: int = 120) -> str:
@@ -125,11 +132,11 @@ def read(bootstrap: str, topic: str, reason: str | None = None, contains: str | 
     return letters
 
 
-def redriven_positions(url: str, dlq_topic: str) -> set[str]:
-    """The positions ('partition:offset') of the dead letters of `dlq_topic` already re-driven."""
+def redriven_sources(url: str) -> set[tuple[str, int, int]]:
+    """The source positions (topic, partition, offset) of the records already re-driven."""
     with storage.transaction(url) as cur:
-        cur.execute("SELECT partition, dlq_offset FROM stream.redriven WHERE dlq_topic = %s", (dlq_topic,))
-        return {f"{p}:{o}" for p, o in cur.fetchall()}
+        cur.execute("SELECT source_topic, source_partition, source_offset FROM stream.redriven")
+        return {(t, int(p), int(o)) for t, p, o in cur.fetchall()}
 
 
 @dataclass
@@ -140,23 +147,26 @@ class RedriveOutcome:
     skipped: dict[str, str]
 
 
-def redrive(
-    url: str, bootstrap: str, dlq_topic: str, events_topic: str, defs: Definitions, letters: list[DeadLetter]
-) -> RedriveOutcome:
-    """Send the chosen dead letters that the definitions now accept back to the events topic, byte for byte.
+def redrive(url: str, bootstrap: str, dlq_topic: str, defs: Definitions, letters: list[DeadLetter]) -> RedriveOutcome:
+    """Send the chosen dead letters that the definitions now accept back to the topic they came from, byte for
+    byte.
 
-    Skipped, with the reason: one already re-driven, one whose raw bytes were cut (too large to keep whole), one
-    the definitions still reject. The re-driven positions are written in a transaction that commits only once
-    the broker acknowledged every record: a failed send records nothing (re-drive again). Only a crash between
-    the acknowledgement and the commit can send a record twice; the batch still keeps one copy (same event id)
-    and the stream's second copy shows as a duplicate in the day's accuracy figures."""
+    Skipped, with the reason: a record already re-driven (by its source position, so a record dead-lettered twice
+    goes back once), one whose raw bytes were cut (too large to keep whole), one the definitions still reject.
+    The re-driven records are written in a transaction that commits only once the broker acknowledged every
+    record: a failed send records nothing (re-drive again). Only a crash between the acknowledgement and the
+    commit can send a record twice; the batch still keeps one copy (same event id) and the stream's second copy
+    shows as a duplicate in the day's accuracy figures."""
     ds = defs.dataset
-    done = redriven_positions(url, dlq_topic)
+    done = redriven_sources(url)
     outcome = RedriveOutcome({}, {})
     chosen: list[tuple[DeadLetter, dict[str, Any]]] = []
     for d in letters:
-        if d.position in done:
-            outcome.skipped[d.position] = "already re-driven"
+        if d.source in done:
+            outcome.skipped[d.position] = f"already re-driven ({d.topic} partition {d.partition} offset {d.offset})"
+            continue
+        if not d.topic:
+            outcome.skipped[d.position] = "it does not say which topic it came from"
             continue
         if d.truncated:
             outcome.skipped[d.position] = f"its {d.raw_bytes} bytes were not kept whole in the dead letter"
@@ -167,6 +177,7 @@ def redrive(
             outcome.skipped[d.position] = f"still rejected: {checked.reason}: {checked.detail}"
             continue
         chosen.append((d, obj))
+        done.add(d.source)  # the same record dead-lettered twice in this selection goes back once
     if not chosen:
         return outcome
 
@@ -181,9 +192,7 @@ def redrive(
                 key = obj.get(ds.partition_key)
                 ts = parse_event_time(obj.get(ds.event_time))
                 futures.append(
-                    await producer.send(
-                        events_topic, d.raw, key=None if key is None else str(key).encode(), timestamp_ms=ts
-                    )
+                    await producer.send(d.topic, d.raw, key=None if key is None else str(key).encode(), timestamp_ms=ts)
                 )
             await asyncio.gather(*futures)
         finally:
@@ -192,9 +201,9 @@ def redrive(
     with storage.transaction(url) as cur:
         for d, obj in chosen:
             cur.execute(
-                """INSERT INTO stream.redriven (dlq_topic, partition, dlq_offset, events_topic, event_id)
-                   VALUES (%s, %s, %s, %s, %s)""",
-                (dlq_topic, d.dlq_partition, d.dlq_offset, events_topic, str(obj.get(ds.event_id))),
+                """INSERT INTO stream.redriven (source_topic, source_partition, source_offset, dlq_topic,
+                       dlq_partition, dlq_offset, event_id) VALUES (%s, %s, %s, %s, %s, %s, %s)""",
+                (d.topic, d.partition, d.offset, dlq_topic, d.dlq_partition, d.dlq_offset, str(obj.get(ds.event_id))),
             )
         asyncio.run(send())  # commits only when every record is acknowledged
     outcome.sent = {d.position: str(obj.get(ds.event_id)) for d, obj in chosen}

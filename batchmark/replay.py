@@ -2,7 +2,8 @@
 
 JSONL lines are sent byte for byte, malformed ones included, so the stream sees exactly what the file holds.
 Each record is keyed by the dataset's partition key (so one group stays in one partition) and stamped with its
-event time. At the end a watermark punctuation goes to every partition: it tells the workers that the replayed
+event time (one without a usable event time with the previous record's: the worker counts its rejection on the
+file's day). At the end a watermark punctuation goes to every partition: it tells the workers that the replayed
 days are over, so they close the last windows (history has no 'later events' to do that).
 """
 
@@ -124,6 +125,7 @@ async def replay_async(
     max_ts: int | None = None
     rejected: Counter[str] = Counter()
     example = ""
+    last_ts: int | None = None  # the last usable event time sent
     t0 = time.monotonic()
     bar = tqdm(desc=f"replay {path.name}", unit="ev", disable=not progress, mininterval=0.5)
     try:
@@ -144,8 +146,9 @@ async def replay_async(
                 ts = parse_event_time(obj.get(ds.event_time))
             if ts is not None and ds.min_event_time_ms <= ts < ds.max_event_time_ms:
                 max_ts = ts if max_ts is None or ts > max_ts else max_ts
+                last_ts = ts
             else:
-                ts = None
+                ts = last_ts  # no usable event time: stamped like its neighbour, so its day is the file's day
             pending.append(await producer.send(topic, raw, key=key, timestamp_ms=ts))
             sent += 1
             if len(pending) >= 5000:

@@ -64,15 +64,17 @@ CREATE TABLE IF NOT EXISTS stream.rejections (
     PRIMARY KEY (topic, day, reason, partition)
 );
 
--- Dead letters sent back to the events topic by `batchmark dlq --redrive`: each at most once.
+-- Records sent back from the dead-letter topic by `batchmark dlq --redrive`: each (by its source position) once.
 CREATE TABLE IF NOT EXISTS stream.redriven (
-    dlq_topic     text        NOT NULL,
-    partition     integer     NOT NULL,
-    dlq_offset    bigint      NOT NULL,
-    events_topic  text        NOT NULL,
-    event_id      text        NOT NULL,
-    redriven_at   timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (dlq_topic, partition, dlq_offset)
+    source_topic      text        NOT NULL,
+    source_partition  integer     NOT NULL,
+    source_offset     bigint      NOT NULL,
+    dlq_topic         text        NOT NULL,
+    dlq_partition     integer     NOT NULL,
+    dlq_offset        bigint      NOT NULL,
+    event_id          text        NOT NULL,
+    redriven_at       timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (source_topic, source_partition, source_offset)
 );
 
 -- Which metrics the batch recompute produced truth for, per day: a metric with no window that day (an empty
@@ -286,17 +288,6 @@ SELECT a.id, a.day, a.metric, a.check_name, a.severity, a.observed, a.baseline, 
        max(d.last_error) FILTER (WHERE d.status <> 'delivered') AS last_error
 FROM quality.alerts a LEFT JOIN quality.alert_deliveries d ON d.alert_id = a.id
 GROUP BY a.id;
--- Records rejected per day, counting each once: the stream's dead letters and the archive's malformed records
--- are the same records seen twice (either may be missing), the lake's are records the stream accepted.
-DROP VIEW IF EXISTS quality.rejected_per_day;
-CREATE VIEW quality.rejected_per_day AS
-WITH s AS (SELECT day, sum(records) AS n FROM stream.rejections GROUP BY day),
-     q AS (SELECT day, sum(records) FILTER (WHERE source <> 'lake') AS source_n,
-                  sum(records) FILTER (WHERE source = 'lake') AS lake_n
-           FROM quality.rejections GROUP BY day)
-SELECT coalesce(s.day, q.day) AS day,
-       greatest(coalesce(s.n, 0), coalesce(q.source_n, 0)) + coalesce(q.lake_n, 0) AS records
-FROM s FULL JOIN q ON s.day = q.day;
 DROP VIEW IF EXISTS quality.comparison;
 CREATE VIEW quality.comparison AS
 SELECT t.day, t.metric, t.group_key, t.window_start,
@@ -487,6 +478,24 @@ def add_stream_rejections(
                  epoch = EXCLUDED.epoch""",
             rows,
         )
+
+
+def rejected_per_day(cur: psycopg2.extensions.cursor, topic: str, until: date) -> dict[date, int]:
+    """{day: records rejected} up to `until`, each record once: the stream's dead letters on `topic` and the
+    archive's malformed records are the same records seen twice (either may be missing), so a day counts the
+    larger of the two; the lake's (records the stream accepted, refused by newer rules) are added."""
+    cur.execute(
+        """WITH s AS (SELECT day, sum(records) AS n FROM stream.rejections WHERE topic = %s AND day <= %s
+                      GROUP BY day),
+                q AS (SELECT day, sum(records) FILTER (WHERE source <> 'lake') AS source_n,
+                             sum(records) FILTER (WHERE source = 'lake') AS lake_n
+                      FROM quality.rejections WHERE day <= %s GROUP BY day)
+           SELECT coalesce(s.day, q.day),
+                  greatest(coalesce(s.n, 0), coalesce(q.source_n, 0)) + coalesce(q.lake_n, 0)
+           FROM s FULL JOIN q ON s.day = q.day""",
+        (topic, until, until),
+    )
+    return {d: int(n) for d, n in cur.fetchall()}
 
 
 def day_rejections(cur: psycopg2.extensions.cursor, day: date, topic: str) -> dict[str, dict[str, int]]:

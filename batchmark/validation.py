@@ -241,7 +241,16 @@ def _empty_day_report(
 ) -> ValidationReport:
     """A day certified empty (truth recomputed, no window for any metric, no stream window either): it passes
     with 0 windows. GX has no batch to validate on a day without rows, so no checkpoint runs and no page is
-    written; the day is recorded in quality.accuracy_history like any other."""
+    written; the day is recorded in quality.accuracy_history like any other. Stream windows on such a day mean
+    the truth is wrong (the lake lost the day), not the stream: refused."""
+    with storage.transaction(settings.database_url) as cur:
+        cur.execute("SELECT count(*) FROM stream.results WHERE day = %s", (day,))
+        stream_windows = cur.fetchone()[0]
+    if stream_windows:
+        raise ConfigError(
+            f"the batch truth of {day} has no window but the stream wrote {stream_windows}: the recompute did not "
+            f"see the day's events (a lost lake partition?). Restore or replay the day, recompute it, then validate."
+        )
     metrics = [
         MetricAccuracy(m.name, True, 0, 0, 0, None, None, m.tolerance, kind=m.kind, within_tolerance=True)
         for m in defs.metrics

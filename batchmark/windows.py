@@ -125,7 +125,7 @@ class Calendar:
             return starts, starts + size_ms
         import pandas as pd
 
-        local = pd.to_datetime(ts, unit="ms", utc=True).tz_convert(self.zone)
+        local = pd.to_datetime(ts, unit="ms", utc=True).tz_convert(self.tz)  # the engine's zoneinfo rules, not pytz
         days, inverse = np.unique(np.asarray(local.date, dtype=object), return_inverse=True)
         bounds = np.array([self.day_bounds_ms(d) for d in days], dtype=np.int64).reshape(-1, 2)
         ds, de = bounds[inverse, 0], bounds[inverse, 1]

@@ -134,7 +134,7 @@ def test_mistakes_in_a_definitions_file_are_refused_naming_key_and_line(
             'b = { type = "float", nulable = true }',
             r"defs\.toml:6: .*nulable is not a known key \(did you mean 'nullable'",
         ),
-        ('b = { type = "float", min = 5.0, max = 1.0 }', "field 'b': min 5.0 is above max 1.0"),
+        ('b = { type = "float", min = 5.0, max = 1.0 }', r"defs\.toml:6: field 'b': min 5.0 is above max 1.0"),
         ('b = { type = "int", max_length = -1 }', r"max_length: Input should be greater than 0"),
         ('b = { type = "string", nullable = "yes" }', "nullable must be true or false, not 'yes'"),
     ],
@@ -172,3 +172,13 @@ def test_nullable_fields_and_where_clauses_say_which_records_a_metric_reads(tmp_
     frame = pd.DataFrame(rows)
     assert cpu_sum.present_mask(frame).tolist() == [True, False]
     assert no_cpu.present_mask(frame).tolist() == [False, True]
+
+
+def test_a_where_clause_that_leaves_nothing_to_read_is_refused(tmp_path: Path) -> None:
+    text = (
+        BASE + '\n[[metric]]\nname = "s"\nkind = "sum"\nvalue = "cpu"\nwhere = "cpu is null"\ngroup_by = ["tenant"]\n'
+    )
+    with pytest.raises(
+        ConfigError, match=r"defs\.toml:13: metric 's': where 'cpu is null' .* could never read a record"
+    ):
+        load_definitions(_file(tmp_path, text))

@@ -413,6 +413,12 @@ def test_a_day_certified_empty_passes_with_no_window_and_a_never_recomputed_day_
         ("cpu_seconds", 0, 0, 0, True),
     ]
     assert report.summary_line().startswith("2026-11-20 PASS: jobs 0 windows: 0 missing")
+    stray = [r for r in _windows(defs) if r.metric == "jobs"][:3]  # the stream saw events the truth did not
+    stray = [dataclasses.replace(r, window_start_ms=r.window_start_ms - 4 * 86_400_000) for r in stray]
+    with storage.transaction(settings.database_url) as cur:
+        storage.upsert_stream_results(cur, stray)
+    with pytest.raises(ConfigError, match="the batch truth of 2026-11-20 has no window but the stream wrote 3"):
+        validate_day(settings, defs, empty_day)
 
 
 def test_a_metric_with_no_window_that_day_is_judged_when_it_was_recomputed(settings, defs, same_day):
@@ -442,7 +448,9 @@ def test_the_days_rejections_are_in_the_summary_line_and_the_report(settings, de
     )
     page = (report.docs_index.parent / report.metrics[0].report_page).read_text()
     assert "Input that day: 8 records rejected (lake: out_of_range 2; stream: missing_field 4, wrong_type 2)" in page
-    with storage.transaction(settings.database_url) as cur:  # the drift checks' input: each record once
-        cur.execute("SELECT records FROM quality.rejected_per_day WHERE day = %s", (DAY,))
-        assert cur.fetchone()[0] == 8 + 7  # every topic of the database: the view is per day
+    with storage.transaction(settings.database_url) as cur:  # the drift checks' input: each record once, per topic
+        assert storage.rejected_per_day(cur, settings.events_topic, DAY) == {DAY: 8}
+        assert storage.rejected_per_day(cur, "another-topic", DAY) == {DAY: 7 + 2}  # (the lake's are per day)
+        cur.execute("INSERT INTO quality.rejections VALUES (%s, 'archive', 'invalid_json', 5)", (DAY,))
+        assert storage.rejected_per_day(cur, settings.events_topic, DAY) == {DAY: 6 + 2}  # the same records twice
         cur.execute("DELETE FROM stream.rejections; DELETE FROM quality.rejections")
