@@ -178,7 +178,7 @@ def _nulls_csv(path, n: int = 1500, seed: int = 3) -> list[dict]:  # noqa: ANN00
             "at": ts - ts % 1000,
             "s": rng.choice([None, "x", "y", "z", "w"]),
             "f": rng.choice([None, round(rng.uniform(0, 100), 2)]),
-            "i": rng.choice([None, rng.randrange(12)])  # few values: top items repeat,
+            "i": rng.choice([None, rng.randrange(12)]),  # few values: top items repeat,
         }
         cell = {k: (rng.choice(["", "NA"]) if v is None else str(v)) for k, v in row.items()}
         day, clock = local.strftime("%Y-%m-%d"), local.strftime("%H:%M:%S")
