@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -41,14 +42,27 @@ def airflow_env(settings: Settings, extra: dict[str, str] | None = None) -> dict
     return env
 
 
+def stack_metadata_db(settings: Settings) -> str:
+    """The metadata DB of `batchmark up`'s Airflow: a Postgres database beside the product's, `<db>_airflow`
+    (a libpq URL). Its scheduler, API server, DAG processor and triggerer write at once; SQLite refuses a writer
+    that comes while another holds the lock ("database is locked", e.g. a backfill request), Postgres does not."""
+    base, _, name = settings.database_url.rpartition("/")
+    return f"{base}/{name.split('?')[0]}_airflow"
+
+
+def stack_metadata_url(settings: Settings) -> str:
+    """stack_metadata_db in the form SQLAlchemy (Airflow) wants."""
+    return dataclasses.replace(settings, database_url=stack_metadata_db(settings)).sqlalchemy_url
+
+
 def airflow_bin() -> str:
     return str(Path(sys.executable).parent / "airflow")
 
 
-def migrate(settings: Settings) -> None:
-    """Create or upgrade Airflow's metadata database (idempotent, a few seconds)."""
+def migrate(settings: Settings, extra: dict[str, str] | None = None) -> None:
+    """Create or upgrade Airflow's metadata database (idempotent, a few seconds); `extra` as for airflow_env."""
     settings.airflow_home.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **airflow_env(settings)}
+    env = {**os.environ, **airflow_env(settings, extra)}
     subprocess.run([airflow_bin(), "db", "migrate"], env=env, check=True, capture_output=True, text=True)
     ensure_spark_connection(settings, env)
 

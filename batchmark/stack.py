@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from batchmark import config, storage
-from batchmark.airflow_env import airflow_bin, airflow_env, ensure_auth, migrate
+from batchmark.airflow_env import (
+    airflow_bin,
+    airflow_env,
+    ensure_auth,
+    migrate,
+    stack_metadata_db,
+    stack_metadata_url,
+)
 from batchmark.broker import EmbeddedBroker, ensure_settings_topics, port_open
 from batchmark.config import REPO_ROOT, Settings
 from batchmark.errors import BatchmarkError, ConfigError, ServiceUnavailable
@@ -64,10 +71,13 @@ def stack_airflow_env(settings: Settings, api_port: int) -> dict[str, str]:
     keys = _secrets(settings)
     base = f"http://127.0.0.1:{api_port}"
     reports = {} if os.environ.get("BATCHMARK_REPORT_URL") else {"BATCHMARK_REPORT_URL": f"{base}/batchmark/reports"}
+    conn = "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"
+    metadata = {} if os.environ.get(conn) else {conn: stack_metadata_url(settings)}  # Postgres, not SQLite
     return airflow_env(
         settings,
         {
             **reports,  # alert links point at this API server unless the user says otherwise
+            **metadata,
             "AIRFLOW__API__HOST": "127.0.0.1",
             "AIRFLOW__API__PORT": str(api_port),
             "AIRFLOW__API__WORKERS": "1",
@@ -127,7 +137,10 @@ class Stack:
             worker_log_start = log_size(worker_log)
             self.procs["worker"] = start_worker(s, worker_log)
 
-            migrate(s)
+            env = {**os.environ, **stack_airflow_env(s, self.api_port)}
+            if not os.environ.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"):
+                storage.create_database(stack_metadata_db(s))
+            migrate(s, {"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]})
             passwords_file = Path(airflow_env(s)["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"])
             passwords = ensure_auth(s)
             env = {**os.environ, **stack_airflow_env(s, self.api_port)}

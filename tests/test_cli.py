@@ -84,5 +84,12 @@ def test_batchmark_airflow_runs_the_airflow_cli_with_this_homes_settings(tmp_pat
         return out.stdout.strip().splitlines()[-1]
 
     assert value("core", "dags_folder") == str(REPO_ROOT / "dags")
-    assert value("database", "sql_alchemy_conn") == f"sqlite:///{tmp_path / 'airflow' / 'airflow.db'}"
+    # the stack's metadata DB is Postgres, beside the product's database (SQLite locks out concurrent writers)
+    from batchmark import config
+
+    product = config.load().database_url if "DATABASE_URL" in env else None
+    conn = value("database", "sql_alchemy_conn")
+    assert conn.startswith("postgresql+psycopg2://") and conn.endswith("_airflow"), conn
+    if product:
+        assert conn.rsplit("/", 1)[1] == product.rsplit("/", 1)[1] + "_airflow"
     assert value("core", "execution_api_server_url") == "http://127.0.0.1:18123/execution/"
