@@ -87,6 +87,7 @@ TABLES: dict[str, dict[tuple[str, str], tuple[str, ...]]] = {
         ("stream", "open_windows"): READ,
         ("stream", "rejections"): READ,
         ("truth", "recomputed"): READ,
+        ("quality", "rejected_records"): READ,
     },
 }
 SEQUENCES: dict[str, tuple[tuple[str, str], ...]] = {

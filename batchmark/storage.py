@@ -288,6 +288,14 @@ SELECT a.id, a.day, a.metric, a.check_name, a.severity, a.observed, a.baseline, 
        max(d.last_error) FILTER (WHERE d.status <> 'delivered') AS last_error
 FROM quality.alerts a LEFT JOIN quality.alert_deliveries d ON d.alert_id = a.id
 GROUP BY a.id;
+-- Every rejected record count in one place: the stream's dead letters (per events topic) and what the recompute
+-- refused (the archive's malformed records: the same records as the stream's; landed records newer rules refuse).
+DROP VIEW IF EXISTS quality.rejected_records;
+CREATE VIEW quality.rejected_records AS
+SELECT day, 'stream'::text AS source, topic, reason, sum(records)::bigint AS records
+FROM stream.rejections GROUP BY day, topic, reason
+UNION ALL
+SELECT day, source, NULL::text AS topic, reason, records FROM quality.rejections;
 DROP VIEW IF EXISTS quality.comparison;
 CREATE VIEW quality.comparison AS
 SELECT t.day, t.metric, t.group_key, t.window_start,
@@ -364,6 +372,12 @@ def transaction(url: str) -> Iterator[psycopg2.extensions.cursor]:
 
 def ensure_database(url: str) -> None:
     """Create the database named in url if it does not exist, then the schema."""
+    create_database(url)
+    init_schema(url)
+
+
+def create_database(url: str) -> None:
+    """Create the database named in url if it does not exist (nothing in it)."""
     name = db_name(url)
     conn = connect(server_url(url))
     conn.autocommit = True
@@ -374,7 +388,6 @@ def ensure_database(url: str) -> None:
                 cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     finally:
         conn.close()
-    init_schema(url)
 
 
 def init_schema(url: str) -> None:

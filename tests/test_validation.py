@@ -449,6 +449,16 @@ def test_the_days_rejections_are_in_the_summary_line_and_the_report(settings, de
     page = (report.docs_index.parent / report.metrics[0].report_page).read_text()
     assert "Input that day: 8 records rejected (lake: out_of_range 2; stream: missing_field 4, wrong_type 2)" in page
     with storage.transaction(settings.database_url) as cur:  # the drift checks' input: each record once, per topic
+        cur.execute("SELECT source, topic, reason, records FROM quality.rejected_records WHERE day = %s", (DAY,))
+        assert sorted(cur.fetchall(), key=str) == sorted(
+            [
+                ("stream", settings.events_topic, "missing_field", 4),
+                ("stream", settings.events_topic, "wrong_type", 2),
+                ("stream", "another-topic", "invalid_json", 7),
+                ("lake", None, "out_of_range", 2),
+            ],
+            key=str,
+        )  # every count per day, source and reason in one quality view
         assert storage.rejected_per_day(cur, settings.events_topic, DAY) == {DAY: 8}
         assert storage.rejected_per_day(cur, "another-topic", DAY) == {DAY: 7 + 2}  # (the lake's are per day)
         cur.execute("INSERT INTO quality.rejections VALUES (%s, 'archive', 'invalid_json', 5)", (DAY,))

@@ -62,6 +62,7 @@ def test_the_real_file_replays_streams_recomputes_and_validates_exactly(riots, p
     frame = pd.read_csv(CSV)
     assert result["truth_events"] == (frame.death_date == DAY.isoformat()).sum() == 28
     report = validation.validate_day(settings, defs, DAY, run_id="la-riots-validate")
+    print("\nla-riots", report.summary_line())
     by = {m.metric: m for m in report.metrics}
     assert report.success, report.summary_line()
     assert by["deaths"].windows == frame[frame.death_date == DAY.isoformat()].type.nunique()
