@@ -29,6 +29,7 @@ from batchmark.orchestration import DAY_DAGS
 from batchmark.pg import ensure_postgres
 from batchmark.replay import replay
 from batchmark.spark import check_java
+from batchmark.stream_processor import READY_LINE
 
 
 def reset_stream_epoch(settings: Settings, day: date) -> None:
@@ -68,8 +69,7 @@ def wait_until_ready(
     """Block until the worker's events consumer has joined its group and has its partitions; returns seconds waited.
 
     Reads the log from byte `since` (the log's size when the worker was started); without it, from the log's
-    end now, which misses a ready line the worker wrote before this call. The line is streaming.app.READY_LINE
-    (not imported: importing the app module connects to Postgres).
+    end now, which misses a ready line the worker wrote before this call (stream_processor.READY_LINE).
     """
     t0 = time.monotonic()
     start = log_size(log_path) if since is None else since
@@ -78,7 +78,7 @@ def wait_until_ready(
             raise BatchmarkError(f"the stream worker exited with code {worker.returncode}; see {log_path}")
         with open(log_path, "rb") as fh:
             fh.seek(start)
-            if b"events consumer assigned partitions" in fh.read():
+            if READY_LINE.encode() in fh.read():
                 return time.monotonic() - t0
         time.sleep(0.3)
     raise BatchmarkError(f"the stream worker was not ready within {timeout_s:.0f}s; see {log_path}")

@@ -34,6 +34,8 @@ from batchmark.windows import ms_to_datetime
 log = logging.getLogger("batchmark.stream")
 _WATERMARK_PREFIX = b'{"' + WATERMARK_KEY.encode() + b'":'
 DLQ_RAW_LIMIT = 64 * 1024
+# What the worker logs once its events consumer holds its partitions (batchmark.demo.wait_until_ready waits for it).
+READY_LINE = "events consumer assigned partitions"
 
 
 SEEK_GRACE_S = 10.0  # after a seek, how long to wait for the expected offset before accepting a gap

@@ -31,7 +31,7 @@ from batchmark.broker import create_topics_async, settings_topics
 from batchmark.definitions import load_definitions
 from batchmark.errors import ConfigError, ServiceUnavailable
 from batchmark.kafka import client_kwargs, log_holds, security_from_env
-from batchmark.stream_processor import Seek, StreamProcessor
+from batchmark.stream_processor import READY_LINE, Seek, StreamProcessor
 
 log = logging.getLogger("batchmark.worker")
 
@@ -49,7 +49,6 @@ CHECKPOINT_INTERVAL_S = _knob("BATCHMARK_CHECKPOINT_INTERVAL_S", 1.0, float)
 
 settings = config.load()
 defs = load_definitions(settings.definitions_path)
-storage.init_schema(settings.database_url)
 
 app = faust.App(
     "batchmark-stream",
@@ -66,7 +65,6 @@ app = faust.App(
     web_host="127.0.0.1",
     producer_linger_ms=5,
 )
-READY_LINE = "events consumer assigned partitions"
 # The fetcher's consumer group (Faust's own consumer holds the app id, with its own assignor). Renaming it loses
 # nothing: offsets are resumed from the Postgres checkpoint, the group's committed offsets are not consulted.
 EVENTS_GROUP = os.environ.get("BATCHMARK_CONSUMER_GROUP", "").strip() or f"{app.conf.id}-events"
@@ -176,6 +174,11 @@ async def _fetch_events() -> None:
     and a batch fetched before a rebalance is filtered by the processor's ownership and offset checks.
     """
     global _consumer
+    try:  # the schema, checked at start-up (importing this module touches no service)
+        await asyncio.to_thread(storage.init_schema, settings.database_url)
+    except Exception as exc:  # noqa: BLE001
+        _fatal(exc)
+        return
     try:  # the topics with their configured partitions, before subscribing (never the broker's auto-created 1)
         await create_topics_async(settings.bootstrap_servers, settings_topics(settings), keyed=(settings.events_topic,))
     except ConfigError as exc:  # a topic with another partition count: say what to change, and stop

@@ -28,6 +28,7 @@ from batchmark.demo import start_worker, stop, stream_day, wait_for_day, wait_un
 from batchmark.generator import GeneratorConfig, generate
 from batchmark.lake import day_dir
 from batchmark.replay import replay
+from batchmark.stream_processor import READY_LINE
 from tests.integration.test_pipeline import _read_topic
 
 DAY = date(2026, 11, 18)
@@ -234,9 +235,8 @@ def test_partitions_moving_between_two_workers_change_nothing(pg_url: str, home:
     results, late = _snapshot(pg_url, DAY)
 
     text_a, text_b = log_a.read_text(), log_b.read_text()
-    assert "events consumer assigned partitions [0, 1]" in text_a  # A had both partitions at first
-    ready = "events consumer assigned partitions"  # streaming.app.READY_LINE
-    assignments_b = [ln.rsplit(ready, 1)[1].strip() for ln in text_b.splitlines() if ready in ln]
+    assert f"{READY_LINE} [0, 1]" in text_a  # A had both partitions at first
+    assignments_b = [ln.rsplit(READY_LINE, 1)[1].strip() for ln in text_b.splitlines() if READY_LINE in ln]
     assert assignments_b[0] in ("[0]", "[1]") and assignments_b[-1] == "[0, 1]", assignments_b  # one, then both
     assert 0 < before_a_left < manifest.records, before_a_left  # the hand-over happened mid-stream
     compared = _same_as_reference(results, late, reference, (assignments_b, before_a_left))
