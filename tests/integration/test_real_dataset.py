@@ -11,7 +11,6 @@ reason in the quality table, and the exact kinds still equal the truth on New Yo
 
 from __future__ import annotations
 
-import os
 from datetime import date
 from pathlib import Path
 
@@ -19,12 +18,9 @@ import pandas as pd
 import pytest
 import vega_datasets
 
-from batchmark import config, spark, storage, validation
+from batchmark import spark, storage, validation
 from batchmark.config import REPO_ROOT
-from batchmark.definitions import load_definitions
-from batchmark.demo import wait_for_day
-from batchmark.replay import replay
-from tests.integration.conftest import running_worker
+from tests.integration.conftest import replayed_file
 
 DAY = date(1992, 4, 30)  # 28 deaths: the busiest day
 EMPTY = date(1992, 5, 10)  # between the last deaths of the first week and the next one
@@ -34,24 +30,9 @@ pytestmark = pytest.mark.timeout(900)
 
 @pytest.fixture(scope="module")
 def riots(pg_url: str, broker, home: Path):  # noqa: ANN001, ANN201
-    saved = {k: os.environ.get(k) for k in ("BATCHMARK_DEFINITIONS", "BATCHMARK_EVENTS_TOPIC", "BATCHMARK_DLQ_TOPIC")}
-    os.environ["BATCHMARK_DEFINITIONS"] = str(REPO_ROOT / "examples" / "la_riots" / "metrics.toml")
-    os.environ["BATCHMARK_EVENTS_TOPIC"] = "la-riots"
-    os.environ.pop("BATCHMARK_DLQ_TOPIC", None)  # the default: la-riots.dlq
-    try:
-        settings = config.load()
-        defs = load_definitions(settings.definitions_path)
-        with running_worker(settings, home, "la-riots") as (worker, log):
-            stats = replay(CSV, settings.bootstrap_servers, settings.events_topic, defs, progress=False)
-            lateness = max(m.allowed_lateness_ms for m in defs.metrics)
-            wait_for_day(settings, EMPTY, lateness, worker, log, timeout_s=240)
-        yield settings, defs, stats
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    definitions = REPO_ROOT / "examples" / "la_riots" / "metrics.toml"
+    with replayed_file(CSV, home, "la-riots", definitions, EMPTY) as replayed:  # dead letters: la-riots.dlq
+        yield replayed
 
 
 def test_the_real_file_replays_streams_recomputes_and_validates_exactly(riots, pg_url: str) -> None:  # noqa: ANN001
@@ -117,24 +98,8 @@ def nulls_day(pg_url: str, broker, home: Path):  # noqa: ANN001, ANN201
         fh.write(",2026-03-08,04:00:01,x,1,1,bad 1\n")
         fh.write("a,2026-03-08,04:00:02,x,abc,1,bad 2\n")
         fh.write("b,2026-03-08,04:00:03,x,1,1.5,bad 3\n")
-    saved = {k: os.environ.get(k) for k in ("BATCHMARK_DEFINITIONS", "BATCHMARK_EVENTS_TOPIC", "BATCHMARK_DLQ_TOPIC")}
-    os.environ["BATCHMARK_DEFINITIONS"] = str(defs_file)
-    os.environ["BATCHMARK_EVENTS_TOPIC"] = "nulls"
-    os.environ.pop("BATCHMARK_DLQ_TOPIC", None)
-    try:
-        settings = config.load()
-        defs = load_definitions(settings.definitions_path)
-        with running_worker(settings, home, "nulls") as (worker, log):
-            stats = replay(data, settings.bootstrap_servers, settings.events_topic, defs, progress=False)
-            lateness = max(m.allowed_lateness_ms for m in defs.metrics)
-            wait_for_day(settings, date(2026, 3, 8), lateness, worker, log, timeout_s=240)
+    with replayed_file(data, home, "nulls", defs_file, date(2026, 3, 8)) as (settings, defs, stats):
         yield settings, defs, stats, rows
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def test_nulls_and_local_days_through_the_stream_and_spark(nulls_day, pg_url: str) -> None:  # noqa: ANN001
