@@ -95,7 +95,7 @@ class PartitionState:
                 end = start + size
             else:
                 start, end = self.calendar.window(ts, size)
-            if wm - lateness >= end:  # closed (windows.is_closed): the event is late for these metrics
+            if wm - lateness >= end:  # the window is closed: the event is late for these metrics
                 if count_late:
                     for ms, *rest in members:
                         if rest[-1] is None or rest[-1](event):

@@ -231,7 +231,8 @@ class StreamProcessor:
                 return None
             c.rejected += 1
             c.by_reason[event.reason] = c.by_reason.get(event.reason, 0) + 1
-            day = self.day_of(timestamp_ms if timestamp_ms and timestamp_ms > 0 else int(time.time() * 1000))
+            ms = timestamp_ms if timestamp_ms and timestamp_ms > 0 else int(time.time() * 1000)
+            day = self.defs.dataset.calendar.day_of(ms)  # the dataset's day, in its time zone
             rt.rejected[(day, event.reason)] = rt.rejected.get((day, event.reason), 0) + 1
             rt.dirty = True
             return dead_letter(self.topic, partition, offset, key, raw, event)
@@ -242,10 +243,6 @@ class StreamProcessor:
             rt.lake.add(event, offset, rt.state.watermark_ms)
         rt.state.add(event, offset, count_late=not replaying)
         return None
-
-    def day_of(self, ms: int) -> Any:
-        """The dataset's day an instant falls in (in its time zone)."""
-        return self.defs.dataset.calendar.day_of(ms)
 
     def checkpoint_due(self) -> bool:
         """Every checkpoint_interval_s, and sooner (CLOSE_CHECKPOINT_GAP_S) once a window has closed.

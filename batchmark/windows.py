@@ -1,7 +1,8 @@
 """Event-time tumbling windows and the watermark that closes them.
 
-A window is [start, start + size). The watermark of a partition is the largest event time seen there; a window
-of a metric is closed once ``watermark - allowed_lateness >= window end``. Events for a closed window are late.
+A window is [start, end): start + size in UTC, or counted from local midnight in the dataset's time zone
+(``Calendar``). The watermark of a partition is the largest event time seen there; a window of a metric is
+closed once ``watermark - allowed_lateness >= window end``. Events for a closed window are late.
 This is our own logic, not Faust's windowed tables, because those expire by wall clock and would drop a
 replayed day of history within seconds.
 """
@@ -17,16 +18,6 @@ DAY_MS = 86_400_000
 def window_start(ts_ms: int, size_ms: int) -> int:
     """Start (epoch ms) of the tumbling window that holds ts_ms."""
     return ts_ms - ts_ms % size_ms
-
-
-def is_closed(start_ms: int, size_ms: int, lateness_ms: int, watermark_ms: int) -> bool:
-    """True when no more events are accepted for the window starting at start_ms."""
-    return watermark_ms - lateness_ms >= start_ms + size_ms
-
-
-def day_of(ts_ms: int) -> date:
-    """UTC calendar day of an epoch-ms timestamp (the lake partition an event lands in)."""
-    return datetime.fromtimestamp(ts_ms / 1000, tz=UTC).date()
 
 
 def day_bounds_ms(day: date) -> tuple[int, int]:
