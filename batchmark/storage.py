@@ -493,22 +493,26 @@ def add_stream_rejections(
         )
 
 
+def rejected_once(totals: dict[str, int]) -> int:
+    """Records rejected, each once, from the totals per source: the stream's dead letters and the archive's
+    malformed records are the same records seen twice (either may be missing), so the larger of the two counts;
+    the lake's (records the stream accepted, refused by newer rules) are added."""
+    return max(totals.get("stream", 0), totals.get("archive", 0)) + totals.get("lake", 0)
+
+
 def rejected_per_day(cur: psycopg2.extensions.cursor, topic: str, until: date) -> dict[date, int]:
-    """{day: records rejected} up to `until`, each record once: the stream's dead letters on `topic` and the
-    archive's malformed records are the same records seen twice (either may be missing), so a day counts the
-    larger of the two; the lake's (records the stream accepted, refused by newer rules) are added."""
+    """{day: records rejected, each once (rejected_once)} up to `until`, for the dataset whose events topic is
+    `topic`."""
     cur.execute(
-        """WITH s AS (SELECT day, sum(records) AS n FROM stream.rejections WHERE topic = %s AND day <= %s
-                      GROUP BY day),
-                q AS (SELECT day, sum(records) FILTER (WHERE source <> 'lake') AS source_n,
-                             sum(records) FILTER (WHERE source = 'lake') AS lake_n
-                      FROM quality.rejections WHERE day <= %s GROUP BY day)
-           SELECT coalesce(s.day, q.day),
-                  greatest(coalesce(s.n, 0), coalesce(q.source_n, 0)) + coalesce(q.lake_n, 0)
-           FROM s FULL JOIN q ON s.day = q.day""",
+        """SELECT day, 'stream', sum(records) FROM stream.rejections WHERE topic = %s AND day <= %s GROUP BY day
+           UNION ALL
+           SELECT day, source, sum(records) FROM quality.rejections WHERE day <= %s GROUP BY day, source""",
         (topic, until, until),
     )
-    return {d: int(n) for d, n in cur.fetchall()}
+    totals: dict[date, dict[str, int]] = {}
+    for day, source, n in cur.fetchall():
+        totals.setdefault(day, {})[source] = int(n)
+    return {day: rejected_once(by_source) for day, by_source in totals.items()}
 
 
 def day_rejections(cur: psycopg2.extensions.cursor, day: date, topic: str) -> dict[str, dict[str, int]]:

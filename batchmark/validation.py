@@ -153,10 +153,8 @@ def summary_line(day: date, success: bool, metrics: list[MetricAccuracy]) -> str
 
 def rejections_text(rejected: dict[str, dict[str, int]]) -> str:
     """'12 records rejected (stream: invalid_json 10, missing_field 2)' or 'no records rejected': what the day
-    lost to the definitions' rules. The stream's dead letters and the archive's malformed records are the same
-    records seen twice, so the total counts the larger of the two, plus the lake's."""
-    source = max(sum(rejected.get("stream", {}).values()), sum(rejected.get("archive", {}).values()))
-    total = source + sum(rejected.get("lake", {}).values())
+    lost to the definitions' rules, each record once (storage.rejected_once)."""
+    total = storage.rejected_once({source: sum(reasons.values()) for source, reasons in rejected.items()})
     if not total:
         return "no records rejected"
     parts = [
