@@ -78,26 +78,23 @@ def cmd_init_db(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sigterm_stops(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def cmd_broker(args: argparse.Namespace) -> int:
     import signal
-    import time
+    import threading
 
     from batchmark.broker import EmbeddedBroker, create_topics, settings_topics
 
     s = config.load()
-    signal.signal(signal.SIGTERM, _sigterm_stops)  # SIGTERM stops the Tansu child too, like Ctrl-C
+    # Ctrl-C and SIGTERM only set a flag: an exception raised by a handler could land anywhere, even between the
+    # ready line and the wait, and skip the child's shutdown.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
     with EmbeddedBroker(port=args.port) as broker:
         create_topics(broker.bootstrap, settings_topics(s), keyed=(s.events_topic,))
         print(f"embedded broker on {broker.bootstrap} (topics {s.events_topic}, {s.dlq_topic}); Ctrl-C stops it")
         print(f"export KAFKA_BOOTSTRAP_SERVERS={broker.bootstrap}", flush=True)
-        try:
-            while broker.proc and broker.proc.poll() is None:
-                time.sleep(1)
-        except KeyboardInterrupt:
+        while broker.proc and broker.proc.poll() is None and not stop.wait(1):
             pass
     return 0
 
