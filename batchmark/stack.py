@@ -308,13 +308,12 @@ def run_up(api_port: int, broker_port: int) -> int:
     signal.signal(signal.SIGTERM, _stop_on_signal)
     signal.signal(signal.SIGHUP, _stop_on_signal)
     stack = Stack(settings, api_port=api_port, broker_port=broker_port)
-    try:
+    try:  # one try: a signal between starting and waiting must still stop what was started
         stack.start()
+        return stack.wait()
     except KeyboardInterrupt:
         print("stopped while starting", file=sys.stderr)
         return 130
-    try:
-        return stack.wait()
     finally:
         # a second Ctrl-C must not leave half the stack running
         signal.signal(signal.SIGINT, signal.SIG_IGN)
