@@ -223,11 +223,11 @@ def charts(data: ViewData) -> dict[str, dict[str, Any]]:
 
 
 def data_error_title(kind: str) -> str:
-    return {
-        "quantile": "rank error",
-        "topk": "1 - recall (guaranteed)",
-        "binpack": "FF / FFD",
-    }.get(kind, "relative error")
+    """The axis title of a kind's error (the kind's error_name)."""
+    from batchmark.aggregates import AGGREGATES
+
+    cls = AGGREGATES.get(kind)
+    return cls.error_name if cls else "relative error"
 
 
 def _e(x: Any) -> str:

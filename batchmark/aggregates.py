@@ -21,6 +21,7 @@ import bisect
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import datasketches as ds
@@ -28,6 +29,51 @@ import numpy as np
 import pandas as pd
 
 Detail = dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Param:
+    """A parameter a kind takes from its ``[[metric]]`` entry, with the values it accepts."""
+
+    type: type[int] | type[float]
+    required: bool = False
+    low: float | None = None  # inclusive unless low_open
+    high: float | None = None  # inclusive unless high_open
+    low_open: bool = False
+    high_open: bool = False
+    example: str = ""
+
+    def check(self, value: Any) -> str | None:
+        """Why `value` is refused (what to write instead), or None."""
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return "must be a number"
+        if self.type is int and not float(value).is_integer():
+            return "must be a whole number"
+        lo_bad = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        hi_bad = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if lo_bad or hi_bad:
+            return f"must be {self.range_text()}" + (f", e.g. {self.example}" if self.example else "")
+        return None
+
+    def range_text(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"between {self.low:g} and {self.high:g}"
+        if self.low is not None:
+            return "a positive number" if self.low == 0 and self.low_open else f"at least {self.low:g}"
+        return f"at most {self.high:g}" if self.high is not None else "a number"
+
+
+# The SQL of an error: quality.comparison (storage) writes each kind's expression over the window's truth row
+# `t`, stream row `s` and the batch's accuracy row `a` (quality.window_accuracy). GX checks that column.
+RELATIVE_ERROR_SQL = (
+    "CASE WHEN s.value = t.value THEN 0.0 WHEN t.value = 0 THEN 'Infinity'::double precision "
+    "ELSE abs(s.value - t.value) / abs(t.value) END"
+)
+# kinds whose error needs the whole window (ranks, recall): the batch computed it; it holds while the stream's
+# value is the one the batch judged
+BATCH_ERROR_SQL = (
+    "CASE WHEN a.stream_value IS NOT DISTINCT FROM s.value THEN a.error ELSE 'Infinity'::double precision END"
+)
 
 
 def add_partial(partials: list[float], x: float) -> list[float]:
@@ -81,7 +127,12 @@ class Aggregate:
 
     kind: ClassVar[str]
     input: ClassVar[str] = "number"  # "number" (a value expression), "field" (any field's value) or "none"
+    params_spec: ClassVar[dict[str, Param]] = {}  # the parameters the kind takes (definitions check them)
     error_name: ClassVar[str] = "relative error"
+    error_sql: ClassVar[str] = RELATIVE_ERROR_SQL  # the error per window in SQL (see RELATIVE_ERROR_SQL)
+    # a stream value no correct run can give, in SQL over the view's stream_value and batch_value (or None)
+    impossible_sql: ClassVar[str | None] = None
+    advice: ClassVar[str | None] = None  # what to do when its error is over tolerance ({metric} is replaced)
     probabilistic: ClassVar[bool] = False
     defined_on_empty: ClassVar[bool] = True  # False: the value of no values is undefined (None), e.g. a mean
     sorted_input: ClassVar[bool] = False  # exact_windows and accuracy get each window's values sorted
@@ -267,6 +318,8 @@ class DistinctCount(Aggregate):
     kind = "distinct"
     input = "field"
     probabilistic = True
+    params_spec = {"lg_k": Param(int, low=4, high=21)}
+    advice = "enlarge the sketch of {metric} (lg_k in the definitions; each step halves the bound's square)."
 
     @property
     def lg_k(self) -> int:
@@ -336,9 +389,15 @@ class Quantile(Aggregate):
 
     kind = "quantile"
     error_name = "rank error"
+    error_sql = BATCH_ERROR_SQL
     probabilistic = True
     defined_on_empty = False
     sorted_input = True
+    params_spec = {
+        "q": Param(float, required=True, low=0, high=1, low_open=True, high_open=True, example="0.95"),
+        "k": Param(int, low=8, high=65535),
+    }
+    advice = "enlarge the sketch of {metric} (k in the definitions: the rank error falls as 1/k)."
 
     @property
     def q(self) -> float:
@@ -404,6 +463,9 @@ class TopK(Aggregate):
     kind = "topk"
     input = "field"
     error_name = "1 - recall@k (guaranteed items)"  # a deterministic guarantee: mostly defaults to 1.0
+    error_sql = BATCH_ERROR_SQL
+    params_spec = {"k": Param(int, low=1), "lg_max_map_size": Param(int, low=3, high=20)}
+    advice = "enlarge the sketch of {metric} (lg_max_map_size in the definitions, or a smaller k)."
 
     @property
     def k(self) -> int:
@@ -617,7 +679,12 @@ class BinPacking(Aggregate):
 
     kind = "binpack"
     error_name = "FF / FFD"
+    error_sql = "CASE WHEN t.value = 0 THEN 'Infinity'::double precision ELSE s.value / t.value END"
+    # FFD <= 11/9 OPT + 6/9, so OPT >= (9 FFD - 6) / 11: fewer bins than that packs nothing correctly
+    impossible_sql = "stream_value < (9 * batch_value - 6) / 11"
+    advice = "compare the stream's packing of {metric} with the truth's in the report; FF may need up to 1.7x the bins."
     sorted_input = True
+    params_spec = {"capacity": Param(float, required=True, low=0, low_open=True, example="64")}
 
     @property
     def capacity(self) -> float:
@@ -677,6 +744,45 @@ AGGREGATES: dict[str, type[Aggregate]] = {
 }
 
 
+def register(cls: type[Aggregate]) -> type[Aggregate]:
+    """Add a kind (a class decorator): definitions accept it, both engines run it, the comparison view judges it
+    once the schema is created again (storage.init_schema)."""
+    if not cls.kind.replace("_", "").isalnum():
+        raise ValueError(f"kind {cls.kind!r}: letters, digits and _ only")
+    AGGREGATES[cls.kind] = cls
+    return cls
+
+
 def aggregate_for(kind: str, params: dict[str, Any] | None = None) -> Aggregate:
     """The aggregate implementing a metric kind."""
     return AGGREGATES[kind](params)
+
+
+def all_params() -> dict[str, Param]:
+    """Every parameter any kind takes (one name means one type in every kind that takes it)."""
+    out: dict[str, Param] = {}
+    for cls in AGGREGATES.values():
+        for name, spec in cls.params_spec.items():
+            if name in out and out[name].type is not spec.type:
+                raise TypeError(f"parameter {name!r} is {out[name].type.__name__} in one kind, not in {cls.kind!r}")
+            out.setdefault(name, spec)
+    return out
+
+
+def sql_literal(kind: str) -> str:
+    if not kind.replace("_", "").isalnum():
+        raise ValueError(f"kind {kind!r}: letters, digits and _ only")
+    return f"'{kind}'"
+
+
+def error_case_sql() -> str:
+    """The error column of quality.comparison: each kind's error_sql, NULL where the stream has no value."""
+    whens = "\n".join(f"         WHEN q.kind = {sql_literal(k)} THEN {cls.error_sql}" for k, cls in AGGREGATES.items())
+    # a metric not (yet) in quality.metrics has no kind there: judged by relative error, as before kinds had SQL
+    return f"CASE\n         WHEN s.value IS NULL THEN NULL\n{whens}\n         ELSE {RELATIVE_ERROR_SQL}\n       END"
+
+
+def impossible_sql() -> str:
+    """A SQL condition over quality.comparison's columns: the stream's value is impossible for its kind."""
+    parts = [f"(kind = {sql_literal(k)} AND {c.impossible_sql})" for k, c in AGGREGATES.items() if c.impossible_sql]
+    return " OR ".join(parts) or "false"

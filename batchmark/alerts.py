@@ -28,7 +28,6 @@ from batchmark.validation import causes, describe
 
 MAX_BACKOFF_S = 6 * 3600
 LEASE_S = 300  # a claimed delivery that was neither delivered nor failed after this is tried again
-SKETCH_KINDS = ("distinct", "quantile", "topk")
 TITLE_PREFIX = "[batchmark]"
 
 
@@ -273,10 +272,8 @@ def suggest(settings: Settings, t: drift.Transition, row: dict[str, Any] | None,
         )
     if cause == "duplicate":
         return "make producers idempotent (or find the one that retries): duplicates are counted twice."
-    if metric is not None and metric.kind in SKETCH_KINDS:
-        return f"enlarge the sketch of {t.metric} (lg_k, k or lg_max_map_size in the definitions)."
-    if metric is not None and metric.kind == "binpack":
-        return "compare the stream's packing with the truth's in the report; FF may need more bins than FFD."
+    if metric is not None and metric.aggregate.advice:
+        return metric.aggregate.advice.format(metric=t.metric)
     return "open the report: the windows over tolerance are listed there."
 
 

@@ -302,17 +302,7 @@ SELECT t.day, t.metric, t.group_key, t.window_start,
        t.value AS batch_value, s.value AS stream_value,
        t.n_events AS batch_events, s.n_events AS stream_events,
        q.kind, q.tolerance, q.mostly,
-       CASE
-         WHEN s.value IS NULL THEN NULL
-         WHEN q.kind IN ('quantile', 'topk') THEN
-           CASE WHEN a.stream_value IS NOT DISTINCT FROM s.value THEN a.error
-                ELSE 'Infinity'::double precision END
-         WHEN q.kind = 'binpack' THEN
-           CASE WHEN t.value = 0 THEN 'Infinity'::double precision ELSE s.value / t.value END
-         WHEN s.value = t.value THEN 0.0
-         WHEN t.value = 0 THEN 'Infinity'::double precision
-         ELSE abs(s.value - t.value) / abs(t.value)
-       END AS error,
+       {error_case} AS error,
        a.n_lost, a.n_dup, a.n_late, a.lost_effect, a.dup_effect, a.late_effect, a.sketch_effect
 FROM truth.results t
 LEFT JOIN stream.results s USING (metric, group_key, window_start)
@@ -390,6 +380,13 @@ def create_database(url: str) -> None:
         conn.close()
 
 
+def schema_sql() -> str:
+    """The schema's DDL; quality.comparison's error column is each kind's own SQL (aggregates.error_case_sql)."""
+    from batchmark.aggregates import error_case_sql
+
+    return SCHEMA_SQL.replace("{error_case}", error_case_sql())
+
+
 def init_schema(url: str) -> None:
     """Create the tables and views (idempotent).
 
@@ -400,7 +397,7 @@ def init_schema(url: str) -> None:
         with transaction(url) as cur:
             cur.execute("SELECT pg_advisory_xact_lock(4242)")  # two processes may init at once
             cur.execute(UPGRADE_SQL)
-            cur.execute(SCHEMA_SQL)
+            cur.execute(schema_sql())
     except psycopg2.errors.InsufficientPrivilege as exc:
         with transaction(url) as cur:
             cur.execute(  # ask the catalog, readable by every role (to_regclass needs USAGE on the schema)

@@ -44,6 +44,7 @@ from great_expectations.exceptions import DataContextError
 from great_expectations.expectations.row_conditions import Column
 
 from batchmark import reports, storage
+from batchmark.aggregates import impossible_sql
 from batchmark.config import Settings
 from batchmark.definitions import Definitions, Metric
 from batchmark.errors import BatchmarkError, ConfigError
@@ -299,12 +300,11 @@ def write_tolerances(cur: Any, defs: Definitions) -> None:
 
 
 # A window is incomplete when the stream has a result but did not fold every truth event: some never landed
-# (lost) or were dropped as late, or it simply counted fewer. A bin packing is impossible when the stream used
-# fewer bins than any packing of the truth's items: FFD <= 11/9 OPT + 6/9, so OPT >= (9 FFD - 6) / 11.
+# (lost) or were dropped as late, or it simply counted fewer. A value is impossible when no correct run of its
+# kind could give it (each kind's impossible_sql; e.g. fewer bins than any packing of the truth's items).
 INCOMPLETE = (
     "stream_events IS NOT NULL AND (coalesce(n_lost, 0) + coalesce(n_late, 0) > 0 OR stream_events < batch_events)"
 )
-IMPOSSIBLE = "kind = 'binpack' AND stream_value < (9 * batch_value - 6) / 11"
 
 
 def _day_figures(cur: Any, defs: Definitions, day: date) -> dict[str, tuple[Any, ...]]:
@@ -313,7 +313,7 @@ def _day_figures(cur: Any, defs: Definitions, day: date) -> dict[str, tuple[Any,
     cur.execute(
         f"""SELECT metric, count(*), max(error), avg(error) FILTER (WHERE error < 'Infinity'),
                   coalesce(sum(n_late), 0), coalesce(sum(n_dup), 0), coalesce(sum(n_lost), 0),
-                  count(*) FILTER (WHERE {INCOMPLETE}), count(*) FILTER (WHERE {IMPOSSIBLE}),
+                  count(*) FILTER (WHERE {INCOMPLETE}), count(*) FILTER (WHERE {impossible_sql()}),
                   coalesce(sum(batch_events), 0), sum(abs(sketch_effect))
            FROM quality.comparison WHERE day = %s AND metric = ANY(%s) GROUP BY metric""",
         (day, [m.name for m in defs.metrics]),
