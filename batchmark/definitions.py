@@ -212,6 +212,38 @@ class Metric:
         return mask
 
 
+STABLE = "stable"  # the version label of the definitions as written
+WORKER_KNOBS = {  # a [[version]]'s worker table -> the worker's environment (streaming.worker.Knobs)
+    "take_max": ("BATCHMARK_TAKE_MAX", int),
+    "take_within": ("BATCHMARK_TAKE_WITHIN", float),
+    "max_fetch_size": ("BATCHMARK_MAX_FETCH_SIZE", int),
+    "checkpoint_interval_s": ("BATCHMARK_CHECKPOINT_INTERVAL_S", float),
+}
+VERSION_KEYS = ("window", "allowed_lateness", "tolerance", "mostly")  # besides the kind's own parameters
+
+
+@dataclass(frozen=True)
+class Version:
+    """A version of the streaming app: a label, what it changes, and the worker settings it runs with."""
+
+    label: str
+    description: str = ""
+    definitions: str | None = None
+    metrics: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()  # (metric or '*', ((key, value), ...))
+    worker: tuple[tuple[str, Any], ...] = ()
+
+    def worker_env(self) -> dict[str, str]:
+        """The environment variables of its worker settings."""
+        return {WORKER_KNOBS[k][0]: str(v) for k, v in self.worker}
+
+    def changes(self) -> str:
+        """What it changes, in one line."""
+        parts = [f"definitions {self.definitions}"] if self.definitions else []
+        parts += [f"{m}: " + ", ".join(f"{k} = {v!r}" for k, v in kv) for m, kv in self.metrics]
+        parts += [f"worker {k} = {v!r}" for k, v in self.worker]
+        return "; ".join(parts) or "nothing"
+
+
 @dataclass(frozen=True)
 class Definitions:
     """The dataset and its metrics."""
@@ -220,6 +252,18 @@ class Definitions:
     metrics: tuple[Metric, ...]
     source: Path | None = None
     alerts: DriftSettings = DriftSettings()  # the [alerts] table: trend and drift checks, suppression
+    version: str = STABLE  # which version of the streaming app these definitions are ([[version]] label)
+    versions: tuple[Version, ...] = ()  # the file's [[version]] tables
+
+    def version_spec(self, label: str) -> Version:
+        """The [[version]] with this label ('stable': the definitions as written)."""
+        if label == STABLE:
+            return Version(STABLE, "the definitions as written (production)")
+        for v in self.versions:
+            if v.label == label:
+                return v
+        known = ", ".join([STABLE, *(v.label for v in self.versions)])
+        raise ConfigError(f"no version {label!r} in {self.source}; the versions there: {known} (add a [[version]])")
 
     def metric(self, name: str) -> Metric:
         for m in self.metrics:
@@ -311,37 +355,26 @@ def _csv(raw: dict[str, Any]) -> Any:
     return CsvSpec.from_table(raw)
 
 
-PARAMS = {  # kind -> (required, optional) parameters, given as keys of the [[metric]] entry
-    "distinct": ((), ("lg_k",)),
-    "quantile": (("q",), ("k",)),
-    "topk": ((), ("k", "lg_max_map_size")),
-    "binpack": (("capacity",), ()),
-}
-ALL_PARAMS = {k for required, optional in PARAMS.values() for k in (*required, *optional)}
 _WHERE = re.compile(r"^\s*([a-z][a-z0-9_]*)\s+is\s+(not\s+)?null\s*$", re.IGNORECASE)
 
 
 def _params(name: str, kind: str, raw: dict[str, Any]) -> dict[str, Any]:
-    required, optional = PARAMS.get(kind, ((), ()))
-    for k in sorted(ALL_PARAMS - {*required, *optional}):
+    """The kind's parameters from a [[metric]] entry, checked against what the kind accepts (its params_spec)."""
+    from batchmark.aggregates import AGGREGATES, all_params
+
+    spec = AGGREGATES[kind].params_spec
+    for k in sorted(set(all_params()) - set(spec)):
         if k in raw:
-            takes = ", ".join((*required, *optional)) or "none"
+            takes = ", ".join(spec) or "none"
             raise ConfigError(f"metric {name!r}: kind {kind!r} has no parameter {k!r} (its parameters: {takes})")
-    params = {k: raw[k] for k in (*required, *optional) if k in raw}
-    for k in required:
-        if k not in params:
-            raise ConfigError(f"metric {name!r}: kind {kind!r} needs {k!r}")
+    params = {k: raw[k] for k in spec if k in raw}
+    for k, p in spec.items():
+        if p.required and k not in params:
+            example = f", e.g. {k} = {p.example}" if p.example else ""
+            raise ConfigError(f"metric {name!r}: kind {kind!r} needs {k!r}{example}")
     for k, v in params.items():
-        if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
-            raise ConfigError(f"metric {name!r}: {k} must be a positive number")
-    if kind == "quantile" and not 0 < params["q"] < 1:
-        raise ConfigError(f"metric {name!r}: q must be between 0 and 1, e.g. 0.95")
-    if "lg_k" in params and not 4 <= params["lg_k"] <= 21:
-        raise ConfigError(f"metric {name!r}: lg_k must be between 4 and 21")
-    if "lg_max_map_size" in params and not 3 <= params["lg_max_map_size"] <= 20:
-        raise ConfigError(f"metric {name!r}: lg_max_map_size must be between 3 and 20")
-    if "k" in params and not float(params["k"]).is_integer():
-        raise ConfigError(f"metric {name!r}: k must be a whole number")
+        if why := spec[k].check(v):
+            raise ConfigError(f"metric {name!r}: {k} {why}")
     return params
 
 
@@ -451,9 +484,12 @@ def _field_getter(name: str) -> Callable[[Any], Any]:
     return get
 
 
-def load_definitions(path: Path | str) -> Definitions:
-    """Read and check a definitions file; every problem is reported with what to fix."""
-    from batchmark.definitions_schema import check_file
+def load_definitions(path: Path | str, version: str | None = None) -> Definitions:
+    """Read and check a definitions file; every problem is reported with what to fix.
+
+    With `version`, the definitions of that ``[[version]]`` of the streaming app: the file's metrics with the
+    version's overrides (or the version's own definitions file, over the same dataset)."""
+    from batchmark.definitions_schema import check_file, line_of
 
     path = Path(path)
     try:
@@ -464,25 +500,97 @@ def load_definitions(path: Path | str) -> Definitions:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"definitions file {path} is not valid TOML: {exc}") from None
     checked = check_file(raw, text, str(path))
-    from batchmark.definitions_schema import line_of
-
     try:
         ds = _dataset(checked.dataset.model_dump(exclude_unset=True))
     except ConfigError as exc:
         raise ConfigError(f"{path}:{line_of(text, getattr(exc, 'loc', ('dataset',))) or 1}: {exc}") from None
+    raw_metrics = [m.model_dump(exclude_unset=True) for m in checked.metric]
     metrics = []
-    for i, m in enumerate(checked.metric):
+    for i, m in enumerate(raw_metrics):
         try:
-            metrics.append(_metric(m.model_dump(exclude_unset=True), ds))
+            metrics.append(_metric(m, ds))
         except ConfigError as exc:
             raise ConfigError(f"{path}:{line_of(text, ('metric', i)) or 1}: {exc}") from None
-    metrics = tuple(metrics)
     if not metrics:
         raise ConfigError(f"{path} defines no [[metric]]")
     names = [m.name for m in metrics]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: metric names must be unique")
-    return Definitions(dataset=ds, metrics=metrics, source=path, alerts=_alerts(raw.get("alerts", {}), path))
+    versions = []
+    for i, v in enumerate(checked.version):
+        try:
+            versions.append(_version(v.model_dump(), names))
+        except ConfigError as exc:
+            raise ConfigError(f"{path}:{line_of(text, ('version', i)) or 1}: {exc}") from None
+    labels = [v.label for v in versions]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"{path}: [[version]] labels must be unique")
+    defs = Definitions(
+        dataset=ds,
+        metrics=tuple(metrics),
+        source=path,
+        alerts=_alerts(raw.get("alerts", {}), path),
+        versions=tuple(versions),
+    )
+    if not version or version == STABLE:
+        return defs
+    spec = defs.version_spec(version)
+    if spec.definitions:
+        other = load_definitions(path.parent / spec.definitions)
+        if other.dataset != ds:
+            raise ConfigError(
+                f"{path}: [[version]] {version!r}: {spec.definitions} defines another dataset; a version reads "
+                "the same records, so its [dataset] must be the same as this file's"
+            )
+        return replace(other, version=version, versions=defs.versions, source=path)
+    overrides = dict(spec.metrics)
+    every = dict(overrides.get("*", ()))
+    changed = []
+    for m in raw_metrics:
+        merged = {**m, **every, **dict(overrides.get(m["name"], ()))}
+        try:
+            changed.append(_metric(merged, ds) if merged != m else defs.metric(m["name"]))
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: [[version]] {version!r}: {exc}") from None
+    return replace(defs, metrics=tuple(changed), version=version)
+
+
+def _version(raw: dict[str, Any], metric_names: list[str]) -> Version:
+    """A [[version]] table, checked: known metrics, keys a metric may change, known worker settings."""
+    from batchmark.aggregates import all_params
+
+    label = raw["label"]
+    if label == STABLE:
+        raise ConfigError(f"[[version]] label {STABLE!r} is taken: it names the definitions as written")
+    if raw.get("definitions") and raw.get("metrics"):
+        raise ConfigError(f"[[version]] {label!r}: give either definitions (a whole file) or metrics (overrides)")
+    allowed = {*VERSION_KEYS, *all_params()}
+    for metric, keys in raw.get("metrics", {}).items():
+        if metric != "*" and metric not in metric_names:
+            raise ConfigError(
+                f"[[version]] {label!r}: metrics.{metric} is not a metric here ({', '.join(metric_names)}, or '*')"
+            )
+        for key in keys:
+            if key not in allowed:
+                raise ConfigError(
+                    f"[[version]] {label!r}: metrics.{metric}.{key} cannot be changed by a version; "
+                    f"these can: {', '.join(sorted(allowed))}"
+                )
+    for key, value in raw.get("worker", {}).items():
+        if key not in WORKER_KNOBS:
+            known = ", ".join(WORKER_KNOBS)
+            raise ConfigError(f"[[version]] {label!r}: worker.{key} is not a worker setting ({known})")
+        if WORKER_KNOBS[key][1] is int and not isinstance(value, int):
+            raise ConfigError(f"[[version]] {label!r}: worker.{key} must be a whole number")
+        if value <= 0:
+            raise ConfigError(f"[[version]] {label!r}: worker.{key} must be above 0")
+    return Version(
+        label=label,
+        description=raw.get("description", ""),
+        definitions=raw.get("definitions"),
+        metrics=tuple((m, tuple(kv.items())) for m, kv in raw.get("metrics", {}).items()),
+        worker=tuple(raw.get("worker", {}).items()),
+    )
 
 
 def _alerts(raw: dict[str, Any], path: Path) -> DriftSettings:

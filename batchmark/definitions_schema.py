@@ -10,11 +10,13 @@ divide a day).
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from batchmark.aggregates import AGGREGATES, all_params
 from batchmark.errors import ConfigError
 
 
@@ -58,8 +60,8 @@ class DatasetModel(_Strict):
     csv: CsvModel | None = None
 
 
-class MetricModel(_Strict):
-    """``[[metric]]``: one metric; the kind's own parameters are checked against the kind afterwards."""
+class _MetricBase(_Strict):
+    """``[[metric]]``: one metric; the kinds' parameters are added from the kinds (``MetricModel``)."""
 
     name: str
     kind: str
@@ -71,19 +73,44 @@ class MetricModel(_Strict):
     value: str | None = None
     field: str | None = None
     where: str | None = None
-    lg_k: int | None = None
-    q: float | None = None
-    k: int | None = None
-    lg_max_map_size: int | None = None
-    capacity: float | None = None
 
 
-class FileModel(_Strict):
+class VersionModel(_Strict):
+    """``[[version]]``: a version of the streaming app (Kappa comparison): what differs from the definitions."""
+
+    label: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,39}$")
+    description: str = ""
+    definitions: str | None = None  # another definitions file (relative to this one) instead of overrides
+    metrics: dict[str, dict[str, Any]] = {}  # metric name (or "*": every metric) -> keys of [[metric]] to override
+    worker: dict[str, int | float] = {}  # worker knobs: take_max, take_within, max_fetch_size, checkpoint_interval_s
+
+
+class _FileBase(_Strict):
     """The whole file."""
 
     dataset: DatasetModel = DatasetModel()
-    metric: list[MetricModel] = []
     alerts: dict[str, Any] = {}
+    version: list[VersionModel] = []
+
+
+@functools.cache
+def _models(kinds: tuple[str, ...]) -> tuple[type[BaseModel], type[BaseModel]]:
+    # Every kind's parameters (each kind's params_spec) are keys a [[metric]] may have; whether this metric's
+    # kind takes them, and their ranges, is checked against the kind afterwards. Built per set of kinds, so a
+    # kind registered later (aggregates.register) brings its parameters with it.
+    metric = create_model(  # type: ignore[call-overload]
+        "MetricModel",
+        __base__=_MetricBase,
+        __doc__="``[[metric]]``: one metric; the kind's own parameters are checked against the kind afterwards.",
+        **{name: (p.type | None, None) for name, p in all_params().items()},
+    )
+    file = create_model("FileModel", __base__=_FileBase, metric=(list[metric], []))  # type: ignore[call-overload]
+    return metric, file
+
+
+def models() -> tuple[type[BaseModel], type[BaseModel]]:
+    """(the [[metric]] model, the whole file's model) for the kinds there are now."""
+    return _models(tuple(AGGREGATES))
 
 
 _TYPE_WORDS = {
@@ -97,10 +124,10 @@ _TYPE_WORDS = {
 }
 
 
-def check_file(raw: dict[str, Any], text: str, source: str) -> FileModel:
-    """The parsed TOML checked against FileModel; the first problems are raised as one ConfigError."""
+def check_file(raw: dict[str, Any], text: str, source: str) -> BaseModel:
+    """The parsed TOML checked against the file's model; the first problems are raised as one ConfigError."""
     try:
-        return FileModel.model_validate(raw)
+        return models()[1].model_validate(raw)
     except ValidationError as exc:
         merged: dict[tuple[Any, ...], dict[str, Any]] = {}
         for err in exc.errors():
@@ -155,9 +182,10 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     """The model that holds the keys at loc (the table an unknown key was found in)."""
     names = tuple(p for p in loc if not isinstance(p, int))
     table = {
-        (): FileModel,
+        (): models()[1],
         ("dataset",): DatasetModel,
-        ("metric",): MetricModel,
+        ("metric",): models()[0],
+        ("version",): VersionModel,
         ("dataset", "csv"): CsvModel,
     }
     if len(names) == 3 and names[:2] == ("dataset", "fields"):
