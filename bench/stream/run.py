@@ -1,22 +1,26 @@
 #!/usr/bin/env python
-"""Stream throughput benchmark: the product's Faust worker vs a textbook Faust app, on the same replayed input.
+"""Stream throughput benchmark: the product's Faust worker vs two Faust baselines, on the same replayed input.
 
-    .venv/bin/python bench/stream/run.py [--events N] [--workers 1|2] [--out bench/results/stream.json]
+    .venv/bin/python bench/stream/run.py [--events N] [--partitions P] [--workers 1[,2]] [--out FILE.json]
 
-1. starts its own embedded broker (Tansu, in memory) and uses its own database (batchmark_bench, or
+1. starts its own embedded broker (Tansu, in memory) and uses its own databases (batchmark_bench[_i], or
    BENCH_DATABASE_URL) and a throwaway BATCHMARK_HOME (lake, logs) in a temp dir;
 2. generates a fixed dataset (seeded): cluster-job events with event times in the last hour (Faust's windowed
    tables expire by wall clock), 5% out of order within the allowed lateness, ~1M distinct users;
-3. replays it, keyed by tenant and stamped with event time, into a fresh topic for each app (plus the
-   end-of-stream watermark punctuation for the product), counting what went to each partition from the
-   producer's record metadata (the broker's end offsets are wrong, see shared/STACK_FACTS.md);
-4. runs the product worker (`faust -A streaming.app worker`) until stream.checkpoints.next_offset reaches the
-   sent offsets on every partition, then the textbook app (bench/stream/textbook_app.py) until it has
-   aggregated every event, then asks it to dump its windowed tables;
+3. replays it, keyed by tenant and stamped with event time, into a fresh topic for the product (plus the
+   end-of-stream watermark punctuation) and one for the baselines, counting what went to each partition from
+   the producer's record metadata (the broker's end offsets are wrong, see shared/STACK_FACTS.md);
+4. runs the product (`faust -A streaming.app worker`) once per worker count in --workers, each run a fresh
+   database and consumer group on the same topic, until stream.checkpoints.next_offset reaches the sent
+   offsets on every partition; then the baselines, each with its own consumer group on their topic:
+   - the textbook app (textbook_app.py: JSON models, group_by, two windowed tables, a forward per event) until
+     it has aggregated every event, then it dumps its windowed tables;
+   - plain Faust (plain_app.py: a do-nothing agent counting raw bytes), the ceiling of any Faust app here;
 5. prints and writes JSON: events/s of each (first record processed -> last record processed, worker start and
-   group join excluded), ratio, window-close -> visible-in-Postgres latency percentiles (product), peak RSS,
-   CPU seconds per million events; and PASS/FAIL: jobs and cpu_seconds per tenant per window equal in the
-   product, the textbook app and a direct computation from the dataset.
+   group join excluded), the product's ratio to each baseline and of each worker count to the first,
+   window-close -> visible-in-Postgres latency percentiles (product), peak RSS, CPU seconds per million events;
+   and PASS/FAIL: jobs and cpu_seconds per tenant per window equal in every product run, the textbook app and
+   a direct computation from the dataset.
 """
 
 from __future__ import annotations
@@ -353,14 +357,18 @@ def run_product(
 
 
 # -- the textbook app -------------------------------------------------------------------------------------
-def run_textbook(work: Path, env: dict[str, str], n_events: int, timeout_s: float) -> tuple[dict, dict]:
-    tdir = work / "textbook"
+def run_faust_baseline(
+    script: str, work: Path, env: dict[str, str], n_events: int, timeout_s: float, dump: bool = True
+) -> tuple[dict, dict]:
+    """Run a baseline Faust app (textbook_app.py, plain_app.py) until it has handled every event; its figures and,
+    with `dump`, its per-window values."""
+    tdir = work / Path(script).stem
     tdir.mkdir()
-    status, dump, request = tdir / "status.json", tdir / "dump.json", tdir / "dump.request"
+    status, dump_file, request = tdir / "status.json", tdir / "dump.json", tdir / "dump.request"
     log = tdir / "worker.log"
-    tenv = {**env, "BENCH_STATUS": str(status), "BENCH_DUMP": str(dump), "BENCH_DUMP_REQUEST": str(request)}
+    tenv = {**env, "BENCH_STATUS": str(status), "BENCH_DUMP": str(dump_file), "BENCH_DUMP_REQUEST": str(request)}
     proc = subprocess.Popen(
-        [sys.executable, str(HERE / "textbook_app.py"), "worker", "--without-web", "-l", "info"],
+        [sys.executable, str(HERE / script), "worker", "--without-web", "-l", "info"],
         cwd=tdir,
         env=tenv,
         stdout=_log(log),
@@ -374,7 +382,7 @@ def run_textbook(work: Path, env: dict[str, str], n_events: int, timeout_s: floa
         while True:
             sampler.sample()
             if proc.poll() is not None:
-                raise RuntimeError(f"textbook app exited with {proc.returncode}; see {log}")
+                raise RuntimeError(f"{script} exited with {proc.returncode}; see {log}")
             if status.exists():
                 try:
                     st = json.loads(status.read_text())
@@ -383,14 +391,16 @@ def run_textbook(work: Path, env: dict[str, str], n_events: int, timeout_s: floa
                 if st.get("aggregated", 0) >= n_events:
                     break
             if time.time() - t_start > timeout_s:
-                raise RuntimeError(f"textbook app not done after {timeout_s:.0f}s: {st}; see {log}")
+                raise RuntimeError(f"{script} not done after {timeout_s:.0f}s: {st}; see {log}")
             time.sleep(0.05)
         sampler.sample(force=True)
-        request.touch()
-        deadline = time.time() + 30
-        while not dump.exists() and time.time() < deadline:
-            time.sleep(0.1)
-        rows = json.loads(dump.read_text())
+        rows = []
+        if dump:
+            request.touch()
+            deadline = time.time() + 30
+            while not dump_file.exists() and time.time() < deadline:
+                time.sleep(0.1)
+            rows = json.loads(dump_file.read_text())
     finally:
         stop_proc(proc)
     first, last = st["first_wall"], st["last_wall"]
@@ -431,13 +441,19 @@ def compare(name: str, got: dict, want: dict) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=800_000)
-    ap.add_argument("--workers", type=int, default=1, help="product workers (the textbook app always runs 1)")
+    ap.add_argument(
+        "--workers",
+        default="1",
+        help="product workers; a list (1,2) runs the product once per count on the same topic, in this order, "
+        "each with its own database and consumer group (the baselines always run 1)",
+    )
     ap.add_argument("--partitions", type=int, default=2)
     ap.add_argument("--tenants", type=int, default=32)
     ap.add_argument("--users", type=int, default=1_000_000)
     ap.add_argument("--span-minutes", type=int, default=50, help="event times span the last N minutes")
     ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--skip-textbook", action="store_true", help="product only (checked against the dataset)")
+    ap.add_argument("--skip-textbook", action="store_true", help="no textbook app (the slow baseline)")
+    ap.add_argument("--skip-plain", action="store_true", help="no plain Faust agent (the ceiling of Faust)")
     ap.add_argument(
         "--product-env",
         action="append",
@@ -454,6 +470,12 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, lake)")
     ap.add_argument("--timeout", type=float, default=1800)
     args = ap.parse_args()
+    try:
+        worker_counts = [int(w) for w in args.workers.split(",")]
+    except ValueError:
+        ap.error(f"--workers takes worker counts separated by commas, e.g. 1,2; got {args.workers!r}")
+    if any(w < 1 or w > args.partitions for w in worker_counts):
+        ap.error(f"--workers: each count must be between 1 and --partitions ({args.partitions})")
 
     work = Path(tempfile.mkdtemp(prefix="bm-bench-stream-"))
     run_id = uuid.uuid4().hex[:6]
@@ -493,7 +515,8 @@ def main() -> int:
         punct = (max(ts for _, ts, _ in records) // DAY_MS + 1) * DAY_MS + lateness
         t = time.time()
         p_ends = asyncio.run(produce(bootstrap, p_topic, records, punct))
-        t_ends = {} if args.skip_textbook else asyncio.run(produce(bootstrap, t_topic, records, None))
+        baselines = not (args.skip_textbook and args.skip_plain)
+        t_ends = asyncio.run(produce(bootstrap, t_topic, records, None)) if baselines else {}
         print(f"replayed into fresh topics in {time.time() - t:.1f}s: product {p_ends}, textbook {t_ends}")
         broker_proc = psutil.Process(broker.proc.pid)
 
@@ -509,12 +532,31 @@ def main() -> int:
         for kv in args.product_env:
             k, _, v = kv.partition("=")
             env[k] = v
-        b0 = sum(broker_proc.cpu_times()[:2])
-        prod, prod_values = run_product(work, env, p_ends, len(records), args.workers, args.profile, args.timeout)
-        prod["broker_cpu_s"] = round(sum(broker_proc.cpu_times()[:2]) - b0, 2)
-        print(f"product:  {prod['events_per_s']:,} events/s over {prod['seconds']}s")
-        checks = [compare("product == dataset", only(prod_values, {m.name for m in exact}), want)]
-        tb = None
+        product_runs = []
+        checks = []
+        for i, workers in enumerate(worker_counts):
+            run_url = url if i == 0 else f"{url}_{i}"
+            fresh_database(run_url)
+            run_env = {
+                **env,
+                "DATABASE_URL": run_url,
+                "BATCHMARK_HOME": str(work / f"home-{i}"),
+                "BATCHMARK_CONSUMER_GROUP": f"bench-{run_id}-{i}",
+            }
+            b0 = sum(broker_proc.cpu_times()[:2])
+            run_work = work / f"run-{i}"
+            run_work.mkdir()
+            prod, prod_values = run_product(
+                run_work, run_env, p_ends, len(records), workers, args.profile if i == 0 else None, args.timeout
+            )
+            prod["broker_cpu_s"] = round(sum(broker_proc.cpu_times()[:2]) - b0, 2)
+            print(f"product, {workers} worker(s):  {prod['events_per_s']:,} events/s over {prod['seconds']}s")
+            product_runs.append(prod)
+            checks.append(compare(f"product ({workers}w) == dataset", only(prod_values, {m.name for m in exact}), want))
+            if i == 0:
+                first_values = prod_values
+        prod = product_runs[0]
+        tb = plain = None
         if not args.skip_textbook:
             tenv = {
                 **os.environ,
@@ -525,11 +567,23 @@ def main() -> int:
                 "BENCH_PARTITIONS": str(args.partitions),
             }
             b0 = sum(broker_proc.cpu_times()[:2])
-            tb, tb_values = run_textbook(work, tenv, len(records), args.timeout)
+            tb, tb_values = run_faust_baseline("textbook_app.py", work, tenv, len(records), args.timeout)
             tb["broker_cpu_s"] = round(sum(broker_proc.cpu_times()[:2]) - b0, 2)
             print(f"textbook: {tb['events_per_s']:,} events/s over {tb['seconds']}s")
             checks.append(compare("textbook == dataset", tb_values, only(want, TEXTBOOK_METRICS)))
-            checks.append(compare("product == textbook", only(prod_values, TEXTBOOK_METRICS), tb_values))
+            checks.append(compare("product == textbook", only(first_values, TEXTBOOK_METRICS), tb_values))
+        if not args.skip_plain:
+            penv = {
+                **os.environ,
+                "BENCH_BROKER": f"kafka://{bootstrap}",
+                "BENCH_APP_ID": f"plain-{run_id}",
+                "BENCH_IN_TOPIC": t_topic,
+                "BENCH_PARTITIONS": str(args.partitions),
+            }
+            b0 = sum(broker_proc.cpu_times()[:2])
+            plain, _ = run_faust_baseline("plain_app.py", work, penv, len(records), args.timeout, dump=False)
+            plain["broker_cpu_s"] = round(sum(broker_proc.cpu_times()[:2]) - b0, 2)
+            print(f"plain Faust: {plain['events_per_s']:,} events/s over {plain['seconds']}s")
         result = {
             "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
@@ -545,8 +599,19 @@ def main() -> int:
                 "per_partition": {str(k): v for k, v in p_ends.items()},
             },
             "product": prod,
+            "product_runs": product_runs,
             "textbook": tb,
+            "plain_faust": plain,
             "ratio": round(prod["events_per_s"] / tb["events_per_s"], 2) if tb else None,
+            "ratio_to_plain_faust": round(prod["events_per_s"] / plain["events_per_s"], 2) if plain else None,
+            "scaling": [
+                {
+                    "workers": r["workers"],
+                    "throughput_vs_first": round(r["events_per_s"] / prod["events_per_s"], 2),
+                    "cpu_per_event_vs_first": round(r["cpu_s_per_million"] / prod["cpu_s_per_million"], 2),
+                }
+                for r in product_runs[1:]
+            ],
             "exact_metrics_check": checks,
             "pass": all(c["pass"] for c in checks),
             "work_dir": str(work),
@@ -565,28 +630,37 @@ def main() -> int:
 
 
 def print_table(r: dict) -> None:
-    p, tb = r["product"], r["textbook"]
-    lat = p["latency_close_to_visible_s"]
+    runs = r.get("product_runs") or [r["product"]]
+    cols = [(f"product {p['workers']}w", p) for p in runs]
+    cols += [(name, r.get(key)) for name, key in (("textbook", "textbook"), ("plain Faust", "plain_faust"))]
+    cols = [(name, c) for name, c in cols if c]
+
+    def lat(c: dict) -> str:
+        x = c.get("latency_close_to_visible_s")
+        return f"{x['p50']}/{x['p90']}/{x['p99']}/{x['max']}" if x else "-"
+
     rows = [
-        ("workers", p["workers"], tb and tb["workers"]),
-        ("events", f"{p['events']:,}", tb and f"{tb['events']:,}"),
-        ("processing s (first->last record)", p["seconds"], tb and tb["seconds"]),
-        ("events/s", f"{p['events_per_s']:,}", tb and f"{tb['events_per_s']:,}"),
-        ("peak RSS MB", p["peak_rss_mb"], tb and tb["peak_rss_mb"]),
-        ("worker CPU s / 1M events", p["cpu_s_per_million"], tb and tb["cpu_s_per_million"]),
-        ("broker CPU s (whole run)", p["broker_cpu_s"], tb and tb["broker_cpu_s"]),
-        (
-            "close->visible p50/p90/p99/max s",
-            f"{lat['p50']}/{lat['p90']}/{lat['p99']}/{lat['max']} (n={lat['n']})",
-            "-",
-        ),
+        ("events", lambda c: f"{c['events']:,}"),
+        ("processing s (first->last record)", lambda c: c["seconds"]),
+        ("events/s", lambda c: f"{c['events_per_s']:,}"),
+        ("peak RSS MB", lambda c: c["peak_rss_mb"]),
+        ("worker CPU s / 1M events", lambda c: c["cpu_s_per_million"]),
+        ("broker CPU s (this run)", lambda c: c["broker_cpu_s"]),
+        ("close->visible p50/p90/p99/max s", lat),
     ]
     print()
-    print(f"{'':36} {'product':>28} {'textbook':>12}")
-    for name, a, b in rows:
-        print(f"{name:36} {str(a):>28} {str(b if b is not None else '-'):>12}")
-    if r["ratio"]:
-        print(f"{'ratio product/textbook':36} {r['ratio']:>28}")
+    print(f"{'':36}" + "".join(f"{name:>24}" for name, _ in cols))
+    for label, get in rows:
+        print(f"{label:36}" + "".join(f"{str(get(c)):>24}" for _, c in cols))
+    if r.get("ratio"):
+        print(f"{'ratio product/textbook':36} {r['ratio']:>23}")
+    if r.get("ratio_to_plain_faust"):
+        print(f"{'ratio product/plain Faust':36} {r['ratio_to_plain_faust']:>23}")
+    for sc in r.get("scaling", []):
+        print(
+            f"{sc['workers']} workers vs {runs[0]['workers']}: throughput x{sc['throughput_vs_first']}, "
+            f"CPU per event x{sc['cpu_per_event_vs_first']}"
+        )
     for c in r["exact_metrics_check"]:
         print(
             f"exact metrics {c['what']:24} {'PASS' if c['pass'] else 'FAIL'} "
