@@ -45,7 +45,7 @@ PASSWORD_ENV = {
     QUALITY: "BATCHMARK_QUALITY_PASSWORD",
 }
 
-SCHEMAS = ("stream", "truth", "quality")
+SCHEMAS = ("stream", "truth", "quality", "serving")
 WRITE = ("SELECT", "INSERT", "UPDATE", "DELETE")
 READ = ("SELECT",)
 
@@ -53,7 +53,7 @@ READ = ("SELECT",)
 USAGE: dict[str, tuple[str, ...]] = {
     STREAM: ("stream",),
     BATCH: ("stream", "truth", "quality"),
-    QUALITY: ("stream", "truth", "quality"),
+    QUALITY: ("stream", "truth", "quality", "serving"),
 }
 TABLES: dict[str, dict[tuple[str, str], tuple[str, ...]]] = {
     STREAM: {
@@ -88,6 +88,12 @@ TABLES: dict[str, dict[tuple[str, str], tuple[str, ...]]] = {
         ("stream", "rejections"): READ,
         ("truth", "recomputed"): READ,
         ("quality", "rejected_records"): READ,
+        ("serving", "results"): READ,
+        # the Kappa comparison (batchmark.kappa) runs where validation runs; its scratch databases need an owner
+        ("stream", "version_results"): WRITE,
+        ("quality", "version_runs"): WRITE,
+        ("quality", "version_windows"): WRITE,
+        ("quality", "version_comparison"): WRITE,
     },
 }
 SEQUENCES: dict[str, tuple[tuple[str, str], ...]] = {

@@ -283,6 +283,40 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_versions(args: argparse.Namespace) -> int:
+    from batchmark.definitions import STABLE, load_definitions
+
+    s = config.load()
+    defs = load_definitions(s.definitions_path)
+    print(f"versions of the streaming app in {defs.source}:")
+    for label in (STABLE, *(v.label for v in defs.versions)):
+        v = defs.version_spec(label)
+        load_definitions(s.definitions_path, version=label)  # refused here, with what to fix, if it does not load
+        print(f"  {label:20} {v.description or '-'}\n  {'':20} changes: {v.changes()}")
+    return 0
+
+
+def cmd_compare_versions(args: argparse.Namespace) -> int:
+    import json
+
+    from batchmark import kappa
+
+    s = config.load()
+    result = kappa.compare_versions(
+        s, args.source, args.candidate, stable=args.stable, rate=args.rate, timeout_s=args.timeout, keep=args.keep
+    )
+    if args.json:
+        print(json.dumps(result.to_json(), indent=1, default=str))
+        return 0
+    print(f"run {result.run_id}: {result.events:,} records of {result.source}")
+    for label, change in result.changes.items():
+        print(f"  {label}: {change}")
+    print(result.table())
+    print(result.verdict)
+    print(f"stored in quality.version_comparison (run_id {result.run_id!r}); JSON: {result.path}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from batchmark import accuracy_view
     from batchmark.definitions import load_definitions
@@ -440,6 +474,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--date", required=True, help="YYYY-MM-DD")
     p.add_argument("--metric", action="append", help="validate only this metric (repeatable; default: all)")
     p.set_defaults(fn=cmd_validate)
+
+    sub.add_parser(
+        "versions", help="list the versions of the streaming app ([[version]] in the definitions) and what they change"
+    ).set_defaults(fn=cmd_versions)
+
+    p = sub.add_parser(
+        "compare-versions",
+        help="Kappa: replay a stored day into two versions of the streaming app and compare them against the truth",
+    )
+    p.add_argument(
+        "--source", required=True, help="a day of the lake (YYYY-MM-DD; its archive if there is one) or a stored file"
+    )
+    p.add_argument("--candidate", required=True, help="the version to judge (a [[version]] label)")
+    p.add_argument("--stable", default="stable", help="the version to judge it against (default: stable)")
+    p.add_argument("--rate", type=float, help="replay at this many records/s (default: as fast as possible)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for both versions (default 1800)")
+    p.add_argument("--json", action="store_true", help="print the whole comparison as JSON")
+    p.add_argument("--keep", action="store_true", help="keep the versions' lakes under $BATCHMARK_HOME/kappa/")
+    p.set_defaults(fn=cmd_compare_versions)
 
     p = sub.add_parser("report", help="write the Accuracy view of a day as one self-contained HTML file")
     p.add_argument("--date", help="the day in focus, YYYY-MM-DD (default: the newest validated day)")

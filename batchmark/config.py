@@ -105,6 +105,7 @@ class Settings:
     alert_retry_seconds: float = 60.0  # the first retry of a failed delivery; doubles per attempt, at most 6 h
     decision_days: int = 14  # the Accuracy view's "is the stream alone enough?" looks at this many days
     live_interval_s: float = 2.0  # how often the worker refreshes stream.open_windows; 0 = no live rows
+    version: str = "stable"  # the [[version]] of the streaming app a worker runs (the Kappa comparison sets it)
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -163,4 +164,5 @@ def load() -> Settings:
         alert_retry_seconds=float(_env("BATCHMARK_ALERT_RETRY_SECONDS", "60")),
         decision_days=int(_env("BATCHMARK_DECISION_DAYS", "14")),
         live_interval_s=float(_env("BATCHMARK_LIVE_INTERVAL_S", "2")),
+        version=_env("BATCHMARK_VERSION", "stable"),
     )

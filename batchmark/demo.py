@@ -44,9 +44,9 @@ def reset_stream_epoch(settings: Settings, day: date) -> None:
     shutil.rmtree(day_dir(settings.events_lake, day), ignore_errors=True)
 
 
-def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
-    """The Faust worker as a child process, logging to log_path."""
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+def start_worker(settings: Settings, log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """The Faust worker as a child process, logging to log_path; `env` adds to (or overrides) the environment."""
+    env = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO_ROOT)}
     faust = str(Path(sys.executable).parent / "faust")
     return subprocess.Popen(
         [faust, "-A", "streaming.app", "worker", "--without-web", "-l", "info"],

@@ -22,6 +22,7 @@ import orjson
 from tqdm import tqdm
 
 from batchmark.definitions import Dataset, Definitions
+from batchmark.errors import ConfigError
 from batchmark.events import Rejection, decode, parse_event_time, validate_record
 from batchmark.kafka import client_kwargs
 
@@ -31,6 +32,28 @@ WATERMARK_KEY = "__batchmark_watermark__"
 def watermark_record(watermark_ms: int) -> bytes:
     """The punctuation that moves a partition's watermark to watermark_ms."""
     return orjson.dumps({WATERMARK_KEY: watermark_ms})
+
+
+def end_of_stream_watermark(max_ts: int, defs: Definitions) -> int:
+    """The end-of-stream watermark after records up to max_ts: the end of the last replayed day plus the largest
+    lateness, so every window of it is closed."""
+    ds = defs.dataset
+    lateness = max(m.allowed_lateness_ms for m in defs.metrics)
+    return ds.calendar.day_bounds_ms(ds.calendar.day_of(max_ts))[1] + lateness
+
+
+def max_event_time(path: Path, defs: Definitions) -> int:
+    """The largest usable event time of a file (what the replayer's punctuation is computed from)."""
+    ds = defs.dataset
+    best: int | None = None
+    for raw in read_records(path, ds):
+        with contextlib.suppress(orjson.JSONDecodeError, TypeError, ValueError, AttributeError):
+            ts = parse_event_time(orjson.loads(raw).get(ds.event_time))
+            if ts is not None and ds.min_event_time_ms <= ts < ds.max_event_time_ms:
+                best = ts if best is None or ts > best else best
+    if best is None:
+        raise ConfigError(f"{path} has no record with a usable event time")
+    return best
 
 
 def read_records(path: Path, ds: Dataset | None = None) -> Iterator[bytes]:
@@ -163,9 +186,7 @@ async def replay_async(
         bar.update(len(pending))
         wm = None
         if end_watermark and max_ts is not None:
-            # the end of the last replayed day plus the largest lateness: every window of it is closed
-            lateness = max(m.allowed_lateness_ms for m in defs.metrics)
-            wm = ds.calendar.day_bounds_ms(ds.calendar.day_of(max_ts))[1] + lateness
+            wm = end_of_stream_watermark(max_ts, defs)
             for p in sorted(await producer.partitions_for(topic)):
                 await producer.send_and_wait(topic, watermark_record(wm), partition=p)
     finally:

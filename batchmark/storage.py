@@ -296,6 +296,84 @@ SELECT day, 'stream'::text AS source, topic, reason, sum(records)::bigint AS rec
 FROM stream.rejections GROUP BY day, topic, reason
 UNION ALL
 SELECT day, source, NULL::text AS topic, reason, records FROM quality.rejections;
+-- The Kappa comparison (batchmark.kappa): versions of the streaming app replayed on one stored source. Each
+-- version's results under its label beside production's stream.results; each window judged against the truth;
+-- one row per metric (candidate against stable); the run with its verdict line.
+CREATE TABLE IF NOT EXISTS stream.version_results (
+    run_id        text             NOT NULL,
+    label         text             NOT NULL,
+    metric        text             NOT NULL,
+    group_key     text             NOT NULL,
+    window_start  timestamptz      NOT NULL,
+    window_end    timestamptz      NOT NULL,
+    day           date             NOT NULL,
+    value         double precision,
+    n_events      bigint           NOT NULL,
+    detail        jsonb,
+    PRIMARY KEY (run_id, label, metric, group_key, window_start)
+);
+CREATE TABLE IF NOT EXISTS quality.version_runs (
+    run_id       text PRIMARY KEY,
+    source       text        NOT NULL,
+    stable       text        NOT NULL,
+    candidate    text        NOT NULL,
+    topic        text        NOT NULL,
+    status       text        NOT NULL,  -- running, done, failed
+    verdict      text,                  -- the verdict line, or why it failed
+    events       bigint,
+    comparison   jsonb,                 -- everything compare-versions printed, as JSON
+    started_at   timestamptz NOT NULL,
+    finished_at  timestamptz
+);
+CREATE TABLE IF NOT EXISTS quality.version_windows (
+    run_id        text             NOT NULL,
+    label         text             NOT NULL,
+    metric        text             NOT NULL,
+    group_key     text             NOT NULL,
+    window_start  timestamptz      NOT NULL,
+    truth_value   double precision,
+    stream_value  double precision,
+    error         double precision,
+    n_lost        bigint           NOT NULL,
+    n_dup         bigint           NOT NULL,
+    n_late        bigint           NOT NULL,
+    sketch_effect double precision,
+    PRIMARY KEY (run_id, label, metric, group_key, window_start)
+);
+CREATE TABLE IF NOT EXISTS quality.version_comparison (
+    run_id               text             NOT NULL,
+    metric               text             NOT NULL,
+    kind                 text             NOT NULL,
+    windows              bigint           NOT NULL,  -- judged in both versions (the sign test's pairs)
+    stable_max_error     double precision,
+    stable_mean_error    double precision,
+    candidate_max_error  double precision,
+    candidate_mean_error double precision,
+    worse_windows        bigint           NOT NULL,  -- windows where the candidate's error is larger
+    better_windows       bigint           NOT NULL,
+    same_windows         bigint           NOT NULL,
+    p_value              double precision NOT NULL,  -- two-sided exact sign test
+    verdict              text             NOT NULL,  -- better, same, worse (p < 0.05)
+    cause                text             NOT NULL,  -- the attribution that moved most
+    figures              jsonb            NOT NULL,  -- each version's max/mean error, share within tolerance, causes
+    PRIMARY KEY (run_id, metric)
+);
+
+-- The Lambda serving view: the table to read results from. Per metric, window and group: the batch truth
+-- where the metric's day has been recomputed and validated, the stream's value elsewhere (today, or a day
+-- whose nightly run has not validated yet), with where the value came from and when it was computed.
+CREATE SCHEMA IF NOT EXISTS serving;
+DROP VIEW IF EXISTS serving.results;
+CREATE VIEW serving.results AS
+WITH validated AS (SELECT DISTINCT metric, day FROM quality.accuracy_history)
+SELECT t.metric, t.group_key, t.window_start, t.window_end, t.day, t.value, t.n_events,
+       'truth'::text AS source, t.computed_at AS value_time
+FROM truth.results t JOIN validated v ON v.metric = t.metric AND v.day = t.day
+UNION ALL
+SELECT s.metric, s.group_key, s.window_start, s.window_end, s.day, s.value, s.n_events,
+       'stream'::text AS source, s.updated_at AS value_time
+FROM stream.results s
+WHERE NOT EXISTS (SELECT 1 FROM validated v WHERE v.metric = s.metric AND v.day = s.day);
 DROP VIEW IF EXISTS quality.comparison;
 CREATE VIEW quality.comparison AS
 SELECT t.day, t.metric, t.group_key, t.window_start,

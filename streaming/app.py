@@ -38,7 +38,7 @@ def create_app(
     """A Faust app running one stream worker over `settings` and `definitions` (the environment's by default);
     `group` names the fetcher's consumer group (default ``<app_id>-events``). The worker is ``app.worker_state``."""
     settings = settings or config.load()
-    definitions = definitions or load_definitions(settings.definitions_path)
+    definitions = definitions or load_definitions(settings.definitions_path, version=settings.version)
     app = faust.App(
         app_id,
         broker=f"kafka://{settings.bootstrap_servers}",
@@ -59,13 +59,14 @@ def create_app(
 
 
 def _hooks_from_env(knobs: Knobs) -> Any:
-    """bench/stream's statistics when BATCHMARK_BENCH_STATS names a file (the bench starts the worker so)."""
+    """The worker's statistics file when BATCHMARK_BENCH_STATS names one (bench/stream and the Kappa comparison
+    start workers so); BATCHMARK_STATE_BYTES=1 adds each closed window's state size."""
     path = os.environ.get("BATCHMARK_BENCH_STATS")
     if not path:
         return None
-    from bench.stream.stats import BenchStats  # the repository root is on the worker's PYTHONPATH
+    from streaming.stats import BenchStats
 
-    return BenchStats(path, knobs)
+    return BenchStats(path, knobs, state_bytes=os.environ.get("BATCHMARK_STATE_BYTES") == "1")
 
 
 _knobs = Knobs.from_env()

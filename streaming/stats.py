@@ -1,5 +1,8 @@
-"""bench/stream's statistics inside the product's worker: streaming.worker.WorkerHooks, installed by streaming.app
-when BATCHMARK_BENCH_STATS names the file to write (bench/stream/run.py sets it for the workers it starts)."""
+"""A worker's own statistics in a file: streaming.worker.WorkerHooks, installed by streaming.app when
+BATCHMARK_BENCH_STATS names the file to write. bench/stream/run.py and the Kappa comparison (batchmark.kappa)
+start their workers so: wall times of the first and last record, window close -> visible latency, and the state
+bytes of each closed window per metric.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from typing import Any
 
 
 class BenchStats:
-    """Wall times for bench/stream: first/last record processed, and window-close -> visible-in-Postgres latency.
+    """Wall times: first/last record processed, window-close -> visible-in-Postgres latency; state bytes per window.
 
     A window closes when its partition's watermark passes its end plus the allowed lateness. The watermark only
     moves while the agent processes a batch, so the close time of a window is taken as the START of the batch
@@ -20,8 +23,9 @@ class BenchStats:
     that batch). The row is visible when the checkpoint's Postgres transaction has committed.
     """
 
-    def __init__(self, path: str, knobs: Any) -> None:
+    def __init__(self, path: str, knobs: Any, state_bytes: bool = False) -> None:
         self.time = time.time
+        self.state_bytes: dict[str, list[int]] | None = {} if state_bytes else None  # metric -> [bytes, windows]
         self.path = path
         self.knobs = knobs
         self.first_wall: float | None = None
@@ -50,7 +54,8 @@ class BenchStats:
                 self.history.setdefault(p, []).append((wm, self.t_batch))
 
     def closing(self, processor: Any) -> list[tuple[tuple[int, int, int], float]]:
-        """(window, close time) of the windows the coming checkpoint will write."""
+        """(window, close time) of the windows the coming checkpoint will write; with state_bytes, also adds up
+        the state each closing (window, group) holds, per metric."""
         out = []
         for p, rt in processor.partitions.items():
             hist = self.history.get(p, [])
@@ -61,6 +66,12 @@ class BenchStats:
                     closes_at = rt.state.window_end(start, m.window_ms) + m.allowed_lateness_ms
                     if (p, i, start) in self.seen or wm < closes_at:
                         continue
+                    if self.state_bytes is not None:
+                        total = self.state_bytes.setdefault(m.name, [0, 0])
+                        for (s, _), (state, n, _) in ms.windows.items():
+                            if s == start and n:
+                                total[0] += ms.agg.state_bytes(state)
+                                total[1] += 1
                     j = bisect.bisect_left(hist, (closes_at, 0.0))
                     if j < len(hist):
                         out.append(((p, i, start), hist[j][1]))
@@ -79,6 +90,7 @@ class BenchStats:
             "records": self.records,
             "latencies_s": self.latencies,
             "summary": processor.summary(),
+            "state_bytes": self.state_bytes,
             "settings": dataclasses.asdict(self.knobs),
         }
         tmp = self.path + ".tmp"
