@@ -52,35 +52,55 @@ DAY_SOURCE = "day:"  # a source naming a day of the lake: day:2026-11-24 (or jus
 
 
 # -- sources ---------------------------------------------------------------------------------------------------
-def resolve_source(settings: Settings, defs: Definitions, source: str, work: Path) -> tuple[Path, str]:
-    """The file to replay and a description: a stored file as it is; a day, its archive (the system of record,
-    the same bytes in the same order) when there is one, else the lake's records of the day in arrival order."""
+def _day_of(source: str, settings: Settings) -> Any:
+    """The day a source names (YYYY-MM-DD or day:YYYY-MM-DD), or None for a file."""
     from batchmark.windows import parse_day
 
-    text = source.strip()
-    if not text:
+    text = source.strip().removeprefix(DAY_SOURCE)
+    if len(text) == 10 and text[4] == "-" and not Path(source.strip()).exists():
+        return parse_day(text)
+    return None
+
+
+def check_source(settings: Settings, source: str) -> str:
+    """What the source is, in words; refused with what to fix when it names nothing replayable."""
+    from batchmark.lake import day_dir
+
+    if not source.strip():
         raise ConfigError("give a source: a day of the lake (YYYY-MM-DD) or a stored file (.jsonl, .csv, .parquet)")
-    day_text = text.removeprefix(DAY_SOURCE)
-    if len(day_text) == 10 and day_text[4] == "-" and not Path(text).exists():
-        day = parse_day(day_text)
+    day = _day_of(source, settings)
+    if day is not None:
         archive = settings.archive_file(day)
         if archive.exists():
-            return archive, f"the archive of {day} ({archive})"
-        from batchmark.lake import day_dir
-
+            return f"the archive of {day} ({archive})"
         files = sorted(day_dir(settings.events_lake, day).glob("*.parquet"))
         if not files:
             lake_dir = day_dir(settings.events_lake, day)
             raise ConfigError(f"no events for {day}: neither an archive ({archive}) nor lake files ({lake_dir})")
-        out = work / f"lake-{day}.jsonl"
-        n = _lake_to_jsonl(files, defs, out)
-        return out, f"the lake's {n:,} records of {day} ({len(files)} files), in arrival order"
-    path = Path(text).expanduser()
+        return f"the lake's records of {day} ({len(files)} files), in arrival order"
+    path = Path(source.strip()).expanduser()
     if not path.exists():
-        raise ConfigError(f"source {text!r} is neither a day (YYYY-MM-DD) nor an existing file")
+        raise ConfigError(f"source {source.strip()!r} is neither a day (YYYY-MM-DD) nor an existing file")
     if path.suffix.lower() not in (".jsonl", ".json", ".ndjson", ".csv", ".parquet"):
         raise ConfigError(f"source {path}: a stored file must be .jsonl, .csv or .parquet")
-    return path.resolve(), f"the file {path}"
+    return f"the file {path.resolve()}"
+
+
+def resolve_source(settings: Settings, defs: Definitions, source: str, work: Path) -> tuple[Path, str]:
+    """The file to replay and a description: a stored file as it is; a day, its archive (the system of record,
+    the same bytes in the same order) when there is one, else the lake's records of the day in arrival order."""
+    from batchmark.lake import day_dir
+
+    described = check_source(settings, source)
+    day = _day_of(source, settings)
+    if day is None:
+        return Path(source.strip()).expanduser().resolve(), described
+    archive = settings.archive_file(day)
+    if archive.exists():
+        return archive, described
+    out = work / f"lake-{day}.jsonl"
+    _lake_to_jsonl(sorted(day_dir(settings.events_lake, day).glob("*.parquet")), defs, out)
+    return out, described
 
 
 def _lake_to_jsonl(files: list[Path], defs: Definitions, out: Path) -> int:

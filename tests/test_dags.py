@@ -15,7 +15,7 @@ from airflow.sdk import ExceptionRetryPolicy
 from batchmark import orchestration
 from batchmark.airflow_plugin import NightlyTimetable
 
-DAG_IDS = {"nightly_recompute", "validate_accuracy", "deliver_alerts"}
+DAG_IDS = {"nightly_recompute", "validate_accuracy", "deliver_alerts", "replay_benchmark"}
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +155,20 @@ def test_deliver_alerts_retries_the_outbox_every_quarter_hour(dagbag: DagBag) ->
     assert [t.task_id for t in dag.tasks] == ["send_pending_alerts"]
     assert dag.timetable.expression == "*/15 * * * *"
     assert dag.is_paused_upon_creation is False and dag.catchup is False and dag.max_active_runs == 1
+
+
+def test_replay_benchmark_is_triggered_by_hand_with_validated_params(dagbag: DagBag) -> None:
+    dag = dagbag.dags["replay_benchmark"]
+    assert type(dag.timetable).__name__ == "NullTimetable"  # only when someone triggers it
+    order = {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks}
+    assert order == {"check_request": ["replay_and_compare"], "replay_and_compare": ["verdict"], "verdict": []}
+    params = dag.params
+    assert params["stable"] == "stable" and params["rate"] is None
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    for key, bad in (("candidate", "Not A Label"), ("rate", -5), ("source", "")):
+        p = params.get_param(key)
+        with pytest.raises(ParamValidationError):
+            p.resolve(bad)
+    assert params.get_param("candidate").resolve("small-hll") == "small-hll"
+    assert params.get_param("rate").resolve(2000) == 2000
