@@ -17,7 +17,8 @@ from batchmark.config import REPO_ROOT
 from batchmark.definitions import load_definitions
 from batchmark.errors import ConfigError
 
-DEFAULT = (REPO_ROOT / "batchmark" / "metrics.toml").read_text()
+# the default definitions without their own [[version]] tables
+DEFAULT = (REPO_ROOT / "batchmark" / "metrics.toml").read_text().split("[[version]]")[0]
 VERSIONS = """
 [[version]]
 label = "small-hll"
@@ -79,6 +80,16 @@ def test_an_override_the_kind_refuses_names_the_version(tmp_path: Path) -> None:
         load_definitions(path, version="tiny")
     with pytest.raises(ConfigError, match="no version 'huge'.*stable, tiny"):
         load_definitions(path, version="huge")
+
+
+def test_the_shipped_versions_load() -> None:
+    path = REPO_ROOT / "batchmark" / "metrics.toml"
+    labels = [v.label for v in load_definitions(path).versions]
+    assert labels == ["small-sketches", "tight-lateness"]
+    small = load_definitions(path, version="small-sketches")
+    assert small.metric("distinct_users").params["lg_k"] == 10
+    assert {small.metric(f"duration_p{q}").params["k"] for q in (50, 95, 99)} == {100}  # still one shared KLL
+    assert {m.allowed_lateness_ms for m in load_definitions(path, version="tight-lateness").metrics} == {5000}
 
 
 def test_sign_test_is_exact() -> None:

@@ -461,6 +461,44 @@ def test_a_configuration_error_fails_at_once_without_retries(stack: dict[str, An
     assert "unknown metric 'no_such_metric'" in rows[0][2] and "jobs" in rows[0][2]  # says what to fix
 
 
+def test_replay_benchmark_triggered_through_the_api_compares_two_versions(stack: dict[str, Any]) -> None:
+    """The Kappa comparison as the UI triggers it: Params checked by Airflow (a label that is not one is a 400),
+    then the stored day replayed into `stable` and `small-sketches` by the stack's own scheduler and workers."""
+    api: Api = stack["api"]
+    bad = api.client.post(
+        "/api/v2/dags/replay_benchmark/dagRuns",
+        json={"conf": {"source": UI_DAY.isoformat(), "candidate": "Small Sketches"}, "logical_date": None},
+        headers=api.headers,
+    )
+    assert bad.status_code == 400 and "does not match" in bad.text, bad.text
+    r = api.client.post(
+        "/api/v2/dags/replay_benchmark/dagRuns",
+        json={"conf": {"source": UI_DAY.isoformat(), "candidate": "small-sketches"}, "logical_date": None},
+        headers=api.headers,
+    )
+    assert r.status_code == 200, r.text
+    run_id = r.json()["dag_run_id"]
+    deadline = time.monotonic() + 300
+    while (state := api.get(f"/api/v2/dags/replay_benchmark/dagRuns/{run_id}")["state"]) not in ("failed", "success"):
+        assert time.monotonic() < deadline, f"{run_id} still {state}"
+        time.sleep(2)
+    tis = api.get(f"/api/v2/dags/replay_benchmark/dagRuns/{run_id}/taskInstances")["task_instances"]
+    assert state == "success", [(t["task_id"], t["state"]) for t in tis]
+    with storage.transaction(stack["database_url"]) as cur:
+        cur.execute(
+            "SELECT run_id, source, status, verdict, events FROM quality.version_runs"
+            " WHERE candidate = 'small-sketches'"
+        )
+        ((kappa_run, source, status, verdict, events),) = cur.fetchall()
+        cur.execute(
+            "SELECT count(*), count(DISTINCT label) FROM stream.version_results WHERE run_id = %s", (kappa_run,)
+        )
+        results, labels = cur.fetchone()
+    assert status == "done" and source.startswith(f"the archive of {UI_DAY}") and events == 4000
+    assert verdict.startswith("candidate 'small-sketches' against 'stable': ") and "x the CPU per event" in verdict
+    assert labels == 2 and results > 100
+
+
 def test_backfill_over_three_days_validates_three_days_in_order(stack: dict[str, Any]) -> None:
     api: Api = stack["api"]
     t0 = time.monotonic()
