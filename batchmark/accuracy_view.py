@@ -22,7 +22,7 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
-from batchmark import alerts, storage
+from batchmark import alerts, drift, storage
 from batchmark.definitions import Definitions
 
 VENDOR = Path(__file__).parent / "static" / "vendor"
@@ -45,6 +45,9 @@ class ViewData:
     binpack: list[dict[str, Any]]  # per binpack metric and day: FF/FFD and FF/lower bound
     kinds: dict[str, str]
     report_url: str
+    aggregates: dict[str, Any] = dataclasses.field(default_factory=dict)  # metric -> its Aggregate (bound, name)
+    versions: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # newest Kappa comparison runs
+    version_metrics: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the newest done run's rows
 
 
 def load(url: str, defs: Definitions, report_url: str, day: date | None = None, days: int = 30,
@@ -85,7 +88,37 @@ def load(url: str, defs: Definitions, report_url: str, day: date | None = None, 
         names = [c.name for c in cur.description]
         binpack = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
     recent = [a for a in alerts.recent(url, days, today=day) if a["day"] <= day]
-    return ViewData(day, days, decision_days, history, rejected, recent, worst, binpack, kinds, report_url)
+    aggregates = {m.name: m.aggregate for m in defs.metrics}
+    versions, version_metrics = _version_runs(url)
+    return ViewData(
+        day, days, decision_days, history, rejected, recent, worst, binpack, kinds, report_url, aggregates,
+        versions, version_metrics,
+    )  # fmt: skip
+
+
+def _version_runs(url: str, limit: int = 5) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The newest Kappa comparisons (quality.version_runs) and the per-metric rows of the newest finished one;
+    nothing on a database whose schema predates them (a page view does no schema work)."""
+    import psycopg2
+
+    from batchmark import kappa
+
+    try:
+        runs = kappa.latest(url, limit)
+    except psycopg2.errors.UndefinedTable:
+        return [], []
+    done = next((r for r in runs if r["status"] == "done"), None)
+    if done is None:
+        return runs, []
+    with storage.transaction(url) as cur:
+        cur.execute(
+            """SELECT metric, kind, windows, stable_max_error, stable_mean_error, candidate_max_error,
+                      candidate_mean_error, worse_windows, better_windows, same_windows, p_value, verdict, cause
+               FROM quality.version_comparison WHERE run_id = %s ORDER BY metric""",
+            (done["run_id"],),
+        )
+        names = [c.name for c in cur.description]
+        return runs, [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
 
 
 def cause(row: dict[str, Any]) -> str:
@@ -97,20 +130,6 @@ def cause(row: dict[str, Any]) -> str:
     if counts[top]:
         return f"{counts[top]} {top} events"
     return "the sketch" if row.get("sketch_effect") else "-"
-
-
-def decision(rows: list[dict[str, Any]], n: int) -> tuple[str, str]:
-    """The seed's question per metric: is the stream alone enough? Yes when every one of the last n validated
-    days was within tolerance and complete; otherwise keep the nightly batch. (verdict, evidence)."""
-    last = rows[-n:]
-    bad = [r for r in last if not r["within_tolerance"] or r["missing"] or r["incomplete"] or r["impossible"]]
-    worst = max((r["max_error"] for r in last if r["max_error"] is not None), default=None)
-    evidence = f"{len(last) - len(bad)} of the last {len(last)} validated days within tolerance and complete" + (
-        f"; worst window error {worst:.3g}" if worst is not None else ""
-    )
-    if len(last) < n:
-        return "keep the nightly batch", f"only {len(last)} days of history, {n} needed; " + evidence
-    return ("stream alone is enough" if not bad else "keep the nightly batch"), evidence
 
 
 def open_alerts(data: ViewData) -> dict[str, list[str]]:
@@ -267,6 +286,7 @@ def render(data: ViewData, inline: bool = False, assets: str = "static/vendor", 
                 body.append(f'<div class="chart" id="chart-{kind}-{_e(metric)}" style="width: 100%"></div>')
     body.append(_worst(data))
     body.append(_alerts(data))
+    body.append(_versions(data))
     return _page(title, head, "".join(body), specs)
 
 
@@ -285,7 +305,10 @@ def _overview(data: ViewData) -> str:
     rows = []
     for metric, hist in data.history.items():
         today = [r for r in hist if r["day"] == data.day]
-        verdict, evidence = decision(hist, data.decision_days)
+        agg = data.aggregates.get(metric)
+        verdict, evidence = drift.decision(
+            hist, data.decision_days, agg.bound() if agg else 0.0, agg.error_name if agg else "error"
+        )
         if not today:
             rows.append(f"<tr><td>{_e(metric)}</td><td colspan=9>not validated on {data.day}</td></tr>")
             continue
@@ -325,6 +348,45 @@ def _worst(data: ViewData) -> str:
         "<th>metric</th><th>group</th><th>window</th><th>stream</th><th>truth</th><th>error</th><th>cause</th>"
         f"</tr></thead><tbody>{rows}</tbody></table>"
     )
+
+
+def _versions(data: ViewData) -> str:
+    """The Kappa comparisons: the newest runs with their verdicts, and the newest finished one per metric."""
+    if not data.versions:
+        return (
+            '<h2 class="h5 mt-4" id="versions">Version comparisons</h2><p class="text-muted">None yet: trigger '
+            "replay_benchmark (or run <code>batchmark compare-versions</code>) to replay a stored day into a "
+            "candidate version of the stream.</p>"
+        )
+    runs = "".join(
+        f"<tr><td>{_e(r['run_id'])}</td><td>{_e(r['started_at'].strftime('%Y-%m-%d %H:%M'))}</td>"
+        f"<td>{_e(r['source'])}</td><td>{_e(r['stable'])} &rarr; {_e(r['candidate'])}</td><td>{_e(r['status'])}</td>"
+        f"<td>{_e(r['verdict'] or '-')}</td></tr>"
+        for r in data.versions
+    )
+    out = (
+        '<h2 class="h5 mt-4" id="versions">Version comparisons</h2><table class="table table-sm" id="version-runs">'
+        "<thead><tr><th>run</th><th>started</th><th>source</th><th>stable &rarr; candidate</th><th>status</th>"
+        f"<th>verdict</th></tr></thead><tbody>{runs}</tbody></table>"
+    )
+    if data.version_metrics:
+        done = next(r for r in data.versions if r["status"] == "done")
+        rows = "".join(
+            f'<tr data-metric="{_e(m["metric"])}"><td>{_e(m["metric"])}</td><td>{_e(m["kind"])}</td>'
+            f"<td>{m['windows']}</td><td>{_g(m['stable_max_error'])} / {_g(m['stable_mean_error'])}</td>"
+            f"<td>{_g(m['candidate_max_error'])} / {_g(m['candidate_mean_error'])}</td>"
+            f"<td>{m['worse_windows']} / {m['better_windows']} / {m['same_windows']}</td><td>{m['p_value']:.2g}</td>"
+            f"<td>{_e(m['verdict'])}{'' if m['verdict'] == 'same' else ' (' + _e(m['cause']) + ')'}</td></tr>"
+            for m in data.version_metrics
+        )
+        out += (
+            f"<p>Run {_e(done['run_id'])}, per metric (errors against the truth of the replayed records; "
+            "windows where the candidate is worse / better / the same; exact two-sided sign test):</p>"
+            '<table class="table table-sm" id="version-metrics"><thead><tr><th>metric</th><th>kind</th>'
+            "<th>windows</th><th>stable max / mean error</th><th>candidate max / mean error</th>"
+            f"<th>worse / better / same</th><th>p</th><th>verdict</th></tr></thead><tbody>{rows}</tbody></table>"
+        )
+    return out
 
 
 def _alerts(data: ViewData) -> str:

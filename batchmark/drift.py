@@ -264,3 +264,32 @@ def as_days(rows: Iterable[dict]) -> list[Day]:
     """Day records from dicts with Day's field names (extra keys ignored), sorted by day."""
     names = {f.name for f in dataclasses.fields(Day)}
     return sorted((Day(**{k: v for k, v in r.items() if k in names}) for r in rows), key=lambda d: d.day)
+
+
+# -- the decision rule ------------------------------------------------------------------------------------------
+ENOUGH, KEEP = "stream alone is enough", "keep the nightly batch"
+
+
+def decision(rows: Sequence[dict], n: int, bound: float, error_name: str = "error") -> tuple[str, str]:
+    """The chapter's decision rule for one metric: (verdict, evidence).
+
+    When the metric's error stayed within its kind's known bound (competitive ratio or sketch error bound, the
+    kind's ``bound()``) and every window was complete on each of the last `n` validated days, the stream alone is
+    enough; otherwise keep the nightly batch. A day is within the bound when its tolerance check passed against a
+    tolerance no looser than the bound (so a sketch's share of windows -- ``mostly`` -- is honoured), else when
+    its largest window error is within the bound. The evidence names n, the worst day and the bound."""
+    last = list(rows)[-n:]
+    judged = [r for r in last if r.get("max_error") is not None]
+    worst = max(judged, key=lambda r: r["max_error"], default=None)
+    worst_text = f"; worst day {worst['day']} ({error_name} {worst['max_error']:.3g})" if worst else ""
+
+    def within(r: dict) -> bool:
+        if r.get("tolerance") is not None and r["tolerance"] <= bound + 1e-12:
+            return bool(r["within_tolerance"])
+        return r.get("max_error") is None or r["max_error"] <= bound + 1e-12
+
+    good = [r for r in last if within(r) and not (r["missing"] or r["incomplete"] or r["impossible"])]
+    evidence = f"{len(good)} of the last {len(last)} validated days within the bound {bound:.3g} and complete"
+    if len(last) < n:
+        return KEEP, f"only {len(last)} days of history, {n} needed; {evidence}{worst_text}"
+    return (ENOUGH if len(good) == len(last) else KEEP), evidence + worst_text

@@ -225,10 +225,13 @@ def validate_day(settings: Settings, defs: Definitions, day: date, run_id: str |
         day=day, run_id=run_id, success=bool(result.success), metrics=metrics, docs_index=docs_index, rejected=rejected
     )
     _record(url, report)
+    decisions = _decisions(settings, defs, day)
     for m in metrics:  # what GX's page does not say: the kind's max error, the window counts, the causes
         if m.report_page:
             try:
-                figures_html = _figures_html(m, day, settings.report_url, rejections_text(rejected))
+                figures_html = _figures_html(
+                    m, day, settings.report_url, rejections_text(rejected), decisions.get(m.metric)
+                )
                 reports.annotate(docs_index.parent / m.report_page, figures_html)
             except (OSError, UnicodeError) as exc:  # a page we cannot rewrite must not lose the day's record
                 log.warning("could not add batchmark's figures to %s: %s", m.report_page, exc)
@@ -260,7 +263,24 @@ def _empty_day_report(
     return report
 
 
-def _figures_html(m: MetricAccuracy, day: date, report_url: str, rejected: str = "") -> str:
+def _decisions(settings: Settings, defs: Definitions, day: date) -> dict[str, tuple[str, str]]:
+    """Each metric's decision (stream alone enough, or keep the nightly batch) over the validated days up to
+    `day`, by the rule in drift.decision."""
+    from batchmark import drift
+    from batchmark.alerts import history
+
+    by_metric, _ = history(settings.database_url, day, settings.events_topic)
+    return {
+        m.name: drift.decision(
+            by_metric.get(m.name, []), settings.decision_days, m.aggregate.bound(), m.aggregate.error_name
+        )
+        for m in defs.metrics
+    }
+
+
+def _figures_html(
+    m: MetricAccuracy, day: date, report_url: str, rejected: str = "", decision: tuple[str, str] | None = None
+) -> str:
     """The figures block batchmark adds to a metric's validation page."""
     import html
 
@@ -278,6 +298,8 @@ def _figures_html(m: MetricAccuracy, day: date, report_url: str, rejected: str =
     ]
     if rejected:
         parts.append(f"Input that day: {html.escape(rejected)} (batchmark dlq lists the dead letters).")
+    if decision:
+        parts.append(f"<strong>Decision: {html.escape(decision[0])}</strong> ({html.escape(decision[1])}).")
     if view:
         parts.append(f'<a href="{html.escape(view)}">This day in the Accuracy view</a>')
     return "<br>".join(parts)

@@ -181,9 +181,12 @@ def test_a_metric_within_its_bound_for_the_window_is_enough_on_its_own(history, 
     monkeypatch.setenv("BATCHMARK_DECISION_DAYS", "5")
     text = _report(tmp_path).read_text()
     row = re.search(r'<tr data-metric="cpu_seconds">.*?</tr>', text).group(0)
-    assert "stream alone is enough" in row and "5 of the last 5 validated days within tolerance and complete" in row
+    assert "stream alone is enough" in row and "5 of the last 5 validated days within the bound 0 and complete" in row
     row = re.search(r'<tr data-metric="jobs">.*?</tr>', text).group(0)
     assert "keep the nightly batch" in row and "4 of the last 5" in row
+    assert f"worst day {LAST.isoformat()} (relative error 0.125)" in row  # the evidence names the worst day
+    row = re.search(r'<tr data-metric="node_packing">.*?</tr>', text).group(0)  # FF/FFD 1.2, within 1.7
+    assert "stream alone is enough" in row and "within the bound 1.7 and complete" in row and "(FF / FFD 1.2)" in row
 
 
 @pytest.mark.parametrize(
@@ -198,3 +201,53 @@ def test_bad_report_arguments_are_refused_with_what_to_fix(history, tmp_path, ca
     assert main(["report", "-o", str(tmp_path / "x.html"), *args]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x.html").exists()
+
+
+def test_the_newest_version_comparison_is_a_table_in_the_report(history, tmp_path, pg_url: str) -> None:  # noqa: ANN001
+    import psycopg2.extras
+
+    with storage.transaction(pg_url) as cur:
+        cur.execute(
+            """INSERT INTO quality.version_runs (run_id, source, stable, candidate, topic, status, verdict, events,
+                   started_at, finished_at)
+               VALUES ('view-kappa', 'the file day.jsonl', 'stable', 'small-sketches', 't', 'done',
+                       'candidate ''small-sketches'' against ''stable'': worse on distinct_users (sketch error)',
+                       4000, now(), now())"""
+        )
+        psycopg2.extras.execute_values(
+            cur,
+            """INSERT INTO quality.version_comparison (run_id, metric, kind, windows, stable_max_error,
+                   stable_mean_error, candidate_max_error, candidate_mean_error, worse_windows, better_windows,
+                   same_windows, p_value, verdict, cause, figures) VALUES %s""",
+            [
+                (
+                    "view-kappa",
+                    "distinct_users",
+                    "distinct",
+                    192,
+                    0.01,
+                    0.002,
+                    0.08,
+                    0.03,
+                    150,
+                    10,
+                    32,
+                    1e-30,
+                    "worse",
+                    "sketch error",
+                    "{}",
+                ),
+                ("view-kappa", "jobs", "count", 7000, 0.0, 0.0, 0.0, 0.0, 0, 0, 7000, 1.0, "same", "none", "{}"),
+            ],  # fmt: skip
+        )
+    try:
+        text = _report(tmp_path).read_text()
+    finally:
+        with storage.transaction(pg_url) as cur:
+            cur.execute("DELETE FROM quality.version_comparison WHERE run_id = 'view-kappa'")
+            cur.execute("DELETE FROM quality.version_runs WHERE run_id = 'view-kappa'")
+    runs = re.search(r'<table class="table table-sm" id="version-runs">.*?</table>', text).group(0)
+    assert "stable &rarr; small-sketches" in runs and "worse on distinct_users (sketch error)" in runs
+    row = re.search(r'<tr data-metric="distinct_users"><td>distinct_users</td><td>distinct</td>.*?</tr>', text)
+    assert row and "0.01 / 0.002" in row.group(0) and "150 / 10 / 32" in row.group(0)
+    assert "worse (sketch error)" in row.group(0) and "1e-30" in row.group(0)

@@ -150,3 +150,28 @@ def test_alert_settings_come_from_the_definitions(tmp_path):
     path = tmp_path / "defs.toml"
     path.write_text((REPO_ROOT / "batchmark" / "metrics.toml").read_text() + "\n[alerts]\nsuppress_days = 5\n")
     assert load_definitions(path).alerts == DriftSettings(suppress_days=5)
+
+
+def test_the_decision_rule_uses_the_kinds_bound_and_names_the_worst_day() -> None:
+    def day(i: int, err: float, tol: float, ok: bool, incomplete: int = 0) -> dict:
+        return {"day": date(2026, 5, 1) + timedelta(days=i), "max_error": err, "tolerance": tol,
+                "within_tolerance": ok, "missing": 0, "incomplete": incomplete, "impossible": 0}  # fmt: skip
+
+    # a sketch checked at its bound: GX's mostly lets a window over the bound pass, and the rule follows it
+    rows = [day(i, 0.03 + 0.01 * (i == 2), 0.0488, True) for i in range(5)]
+    verdict, evidence = drift.decision(rows, 5, 0.0488, "relative error")
+    assert verdict == drift.ENOUGH
+    assert evidence == (
+        "5 of the last 5 validated days within the bound 0.0488 and complete; "
+        "worst day 2026-05-03 (relative error 0.04)"
+    )
+    # a tolerance looser than the bound: a day passed its check, but its error is over the bound
+    rows = [day(i, 0.02 + 0.05 * (i == 4), 0.5, True) for i in range(5)]
+    assert drift.decision(rows, 5, 0.0488)[0] == drift.KEEP
+    assert drift.decision(rows, 5, 0.0488)[1].startswith("4 of the last 5")
+    rows = [day(i, 0.0, 0.0, True, incomplete=int(i == 1)) for i in range(5)]  # exact, but a window incomplete
+    assert drift.decision(rows, 5, 0.0) == (
+        drift.KEEP,
+        "4 of the last 5 validated days within the bound 0 and complete; worst day 2026-05-01 (error 0)",
+    )
+    assert drift.decision(rows[2:], 5, 0.0)[1].startswith("only 3 days of history, 5 needed")

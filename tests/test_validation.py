@@ -375,6 +375,8 @@ def test_data_docs_work_offline_in_a_browser(settings, defs, same_day):
         )
         assert "no late, lost or duplicated events" in figures and "This day in the Accuracy view" in figures
         assert "Input that day: no records rejected" in figures
+        # the decision rule, on the page too: one validated day is not enough history to drop the batch
+        assert "Decision: keep the nightly batch (only " in figures and "within the bound 0 and complete" in figures
         assert page.evaluate("getComputedStyle(document.body).fontFamily").startswith("-apple-system")  # bootstrap
         page.screenshot(path=str(settings.home / "data-docs-offline.png"), full_page=False)
         browser.close()
