@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from psycopg2 import sql
 
 from batchmark import config, kappa, storage
 from batchmark.config import REPO_ROOT
@@ -196,8 +197,10 @@ def test_the_serving_view_switches_a_day_from_stream_to_truth_when_it_is_validat
         assert _serving(pg_url, metric) == [("a", 1.5, "truth"), ("b", 2.0, "truth"), ("c", 7.0, "truth")]
     finally:
         with storage.transaction(pg_url) as cur:
-            for table in ("stream.results", "truth.results", "quality.accuracy_history"):
-                cur.execute(f"DELETE FROM {table} WHERE metric = %s", (metric,))
+            for schema, table in (("stream", "results"), ("truth", "results"), ("quality", "accuracy_history")):
+                cur.execute(
+                    sql.SQL("DELETE FROM {} WHERE metric = %s").format(sql.Identifier(schema, table)), (metric,)
+                )
 
 
 def _serving(url: str, metric: str) -> list[tuple[str, float, str]]:

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 import pandas as pd
 import pytest
+from psycopg2 import sql
 
 from batchmark import storage
 from batchmark.aggregates import AGGREGATES, Aggregate, Detail, Param, impossible_sql, register
@@ -144,23 +145,26 @@ def test_stream_and_batch_agree_and_the_view_judges_it_with_its_own_sql(
                 " ON CONFLICT (metric) DO UPDATE SET kind = 'range'"
             )
             rows = [("t0", "2026-11-24T10:00:00Z", 10.0, 12.5), ("t1", "2026-11-24T10:00:00Z", 4.0, -1.0)]
-            for table, col, run in (("truth.results", 2, ", run_id"), ("stream.results", 3, "")):
-                cur.executemany(
-                    f"INSERT INTO {table} (metric, group_key, window_start, window_end, day, value, n_events{run})"
-                    " VALUES ('cpu_spread', %s, %s, %s::timestamptz + interval '1 minute', '2026-11-24', %s, 3"
-                    + (", 'test')" if run else ")"),
-                    [(r[0], r[1], r[1], r[col]) for r in rows],
-                )
-            cur.execute(
-                f"SELECT group_key, error, {impossible_sql()} FROM quality.comparison"
-                " WHERE metric = 'cpu_spread' ORDER BY group_key"
+            cur.executemany(
+                """INSERT INTO truth.results (metric, group_key, window_start, window_end, day, value, n_events, run_id)
+                   VALUES ('cpu_spread', %s, %s, %s::timestamptz + interval '1 minute', '2026-11-24', %s, 3, 'test')""",
+                [(r[0], r[1], r[1], r[2]) for r in rows],
             )
+            cur.executemany(
+                """INSERT INTO stream.results (metric, group_key, window_start, window_end, day, value, n_events)
+                   VALUES ('cpu_spread', %s, %s, %s::timestamptz + interval '1 minute', '2026-11-24', %s, 3)""",
+                [(r[0], r[1], r[1], r[3]) for r in rows],
+            )
+            cur.execute(
+                sql.SQL("SELECT group_key, error, {} FROM quality.comparison WHERE metric = 'cpu_spread'"
+                        " ORDER BY group_key").format(sql.SQL(impossible_sql()))  # the kinds' own SQL
+            )  # fmt: skip
             # the kind's absolute difference, not the default relative error (0.25 for t0); -1 is impossible
             assert cur.fetchall() == [("t0", 2.5, False), ("t1", 5.0, True)]
     finally:
         with storage.transaction(pg_url) as cur:
-            for table in ("truth.results", "stream.results", "quality.metrics"):
-                cur.execute(f"DELETE FROM {table} WHERE metric = 'cpu_spread'")
+            for schema, table in (("truth", "results"), ("stream", "results"), ("quality", "metrics")):
+                cur.execute(sql.SQL("DELETE FROM {} WHERE metric = 'cpu_spread'").format(sql.Identifier(schema, table)))
         AGGREGATES.pop("range")
         storage.init_schema(pg_url)
         register(Range)  # the fixture removes it again
