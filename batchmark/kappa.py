@@ -363,6 +363,7 @@ class MetricComparison:
     metric: str
     kind: str
     tolerance: float
+    mostly: float  # the share of windows that must be within tolerance (the metric's GX check)
     windows: int  # windows both versions were judged on
     stable: dict[str, Any]
     candidate: dict[str, Any]
@@ -435,6 +436,7 @@ def judge(
                 m.name,
                 m.kind,
                 m.tolerance,
+                m.mostly,
                 len(common),
                 sf,
                 cf,
@@ -454,7 +456,11 @@ def verdict_line(
 ) -> str:
     """'candidate X against stable: more accurate on A; worse on B (late events); same on 9; 1.3x the CPU'."""
     better = [c.metric for c in comparisons if c.verdict == "better"]
-    worse = [f"{c.metric} ({c.cause})" for c in comparisons if c.verdict == "worse"]
+    worse = [
+        f"{c.metric} ({c.cause}{', still within tolerance' if _passes(c.candidate, c.mostly) else ''})"
+        for c in comparisons
+        if c.verdict == "worse"
+    ]
     same = [c.metric for c in comparisons if c.verdict == "same"]
     parts = []
     if better:
@@ -497,7 +503,7 @@ class Comparison:
         """The comparison as a text table, one line per metric."""
         head = (
             f"{'metric':18} {'kind':9} {'windows':>7} {'stable max/mean err':>22} {'candidate max/mean err':>24} "
-            f"{'w/b/=':>12} {'p':>8}  verdict"
+            f"{'within tol s/c':>15} {'w/b/=':>12} {'p':>8}  verdict"
         )
         lines = [head]
         for c in self.metrics:
@@ -508,6 +514,7 @@ class Comparison:
 
             lines.append(
                 f"{c.metric:18} {c.kind:9} {c.windows:>7} {e(c.stable):>22} {e(c.candidate):>24} "
+                f"{_share(c.stable) + '/' + _share(c.candidate):>15} "
                 f"{f'{c.worse_windows}/{c.better_windows}/{c.same_windows}':>12} {c.p_value:>8.2g}  "
                 f"{c.verdict}{'' if c.verdict == 'same' else f' ({c.cause})'}"
             )
@@ -517,7 +524,23 @@ class Comparison:
                 f"1M events, peak RSS {cost.get('peak_rss_mb')} MB, "
                 f"p99 close->visible {cost.get('close_to_visible_p99_s')} s"
             )
+        sb = {label: cost.get("state_bytes_per_window") or {} for label, cost in self.costs.items()}
+        s_sb, c_sb = sb.get(self.stable, {}), sb.get(self.candidate, {})
+        moved = [f"{m} {s_sb[m]:,} -> {c_sb[m]:,}" for m in s_sb if m in c_sb and s_sb[m] != c_sb[m]]
+        if moved:
+            lines.append("state bytes per closed window, stable -> candidate: " + "; ".join(moved))
         return "\n".join(lines)
+
+
+def _share(figures: dict[str, Any]) -> str:
+    share = figures.get("within_tolerance")
+    return "-" if share is None else f"{share:.0%}"
+
+
+def _passes(figures: dict[str, Any], mostly: float) -> bool:
+    """Whether a version's windows pass the metric's tolerance check (the share within tolerance >= mostly)."""
+    share = figures.get("within_tolerance")
+    return share is not None and share >= mostly - 1e-12
 
 
 def _g(x: float | None) -> str:

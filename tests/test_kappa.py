@@ -220,3 +220,15 @@ def test_sign_test_p_values_are_probabilities() -> None:
         for better in range(0, 12):
             p = kappa.sign_test([1.0] * worse + [-1.0] * better)[3]
             assert 0 < p <= 1 and (worse != better or math.isclose(p, 1.0))
+
+
+def test_a_worse_candidate_still_within_tolerance_says_so(tmp_path: Path) -> None:
+    defs = load_definitions(_defs(tmp_path, "")).only(["duration_p95"])
+    tolerance = defs.metric("duration_p95").tolerance
+    stable = _frame("duration_p95", [tolerance / 10] * 50)
+    candidate = _frame("duration_p95", [tolerance / 2] * 50, sketch_effect=[1.0] * 50)
+    (c,) = kappa.judge({"s": stable, "c": candidate}, "s", "c", defs)
+    assert (c.verdict, c.candidate["within_tolerance"]) == ("worse", 1.0)
+    assert kappa.verdict_line("c", "s", [c], {"s": {}, "c": {}}) == (
+        "candidate 'c' against 's': worse on duration_p95 (sketch error, still within tolerance)"
+    )
