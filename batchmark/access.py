@@ -107,10 +107,10 @@ SEQUENCES: dict[str, tuple[tuple[str, str], ...]] = {
 }
 # Objects created later by the owner (init_schema drops and re-creates the view quality.comparison on every
 # run, a new version may add a table): who gets what on them automatically, per schema.
-DEFAULTS: dict[str, tuple[str, tuple[str, ...]]] = {
-    STREAM: ("stream", WRITE),
-    BATCH: ("truth", WRITE),
-    QUALITY: ("quality", READ),
+DEFAULTS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    STREAM: (("stream", WRITE),),
+    BATCH: (("truth", WRITE),),
+    QUALITY: (("quality", READ), ("serving", READ)),  # serving.results is re-created like quality.comparison
 }
 
 ROLES = (STREAM, BATCH, QUALITY)
@@ -174,12 +174,12 @@ def _grant(cur: psycopg2.extensions.cursor, role: str, database: str) -> None:
         cur.execute(sql.SQL("GRANT {} ON TABLE {} TO {}").format(_privileges(privs), sql.Identifier(schema, table), r))
     for schema, seq in SEQUENCES[role]:
         cur.execute(sql.SQL("GRANT USAGE, SELECT ON SEQUENCE {} TO {}").format(sql.Identifier(schema, seq), r))
-    schema, privs = DEFAULTS[role]
-    cur.execute(
-        sql.SQL("ALTER DEFAULT PRIVILEGES IN SCHEMA {} GRANT {} ON TABLES TO {}").format(
-            sql.Identifier(schema), _privileges(privs), r
+    for schema, privs in DEFAULTS[role]:
+        cur.execute(
+            sql.SQL("ALTER DEFAULT PRIVILEGES IN SCHEMA {} GRANT {} ON TABLES TO {}").format(
+                sql.Identifier(schema), _privileges(privs), r
+            )
         )
-    )
 
 
 def create_roles(admin_url: str) -> dict[str, str]:

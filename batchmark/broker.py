@@ -185,6 +185,26 @@ def create_topics(bootstrap: str, topics: dict[str, int], keyed: tuple[str, ...]
     asyncio.run(create_topics_async(bootstrap, topics, keyed))
 
 
+def delete_topics(bootstrap: str, topics: list[str]) -> None:
+    """Delete these topics (a Kappa comparison's own); ones already gone are fine."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from batchmark.kafka import client_kwargs
+
+    async def run() -> None:
+        admin = AIOKafkaAdminClient(**client_kwargs(bootstrap, request_timeout_ms=10000))
+        await admin.start()
+        try:
+            existing = set(await admin.list_topics())
+            gone = [t for t in topics if t in existing]
+            if gone:
+                await admin.delete_topics(gone)
+        finally:
+            await admin.close()
+
+    asyncio.run(run())
+
+
 def ensure_settings_topics(settings: Any) -> None:
     """The events topic (its configured partitions, checked) and its dead-letter topic, created when missing."""
     create_topics(settings.bootstrap_servers, settings_topics(settings), keyed=(settings.events_topic,))

@@ -219,7 +219,9 @@ WORKER_KNOBS = {  # a [[version]]'s worker table -> the worker's environment (st
     "max_fetch_size": ("BATCHMARK_MAX_FETCH_SIZE", int),
     "checkpoint_interval_s": ("BATCHMARK_CHECKPOINT_INTERVAL_S", float),
 }
-VERSION_KEYS = ("window", "allowed_lateness", "tolerance", "mostly")  # besides the kind's own parameters
+# what a version may change besides the kind's own parameters: what the streaming app computes (a tolerance is
+# the yardstick, not the app: a comparison judges both versions by the stable one's)
+VERSION_KEYS = ("window", "allowed_lateness")
 
 
 @dataclass(frozen=True)
@@ -543,11 +545,19 @@ def load_definitions(path: Path | str, version: str | None = None) -> Definition
                 "the same records, so its [dataset] must be the same as this file's"
             )
         return replace(other, version=version, versions=defs.versions, source=path)
+    from batchmark.aggregates import AGGREGATES
+
     overrides = dict(spec.metrics)
     every = dict(overrides.get("*", ()))
+    takers = {k for k in every if k not in VERSION_KEYS}  # kind parameters under "*": for the kinds that take them
+    for k in takers:
+        if not any(k in AGGREGATES[m["kind"]].params_spec for m in raw_metrics):
+            raise ConfigError(f'{path}: [[version]] {version!r}: no metric here takes {k!r} (metrics."*".{k})')
     changed = []
     for m in raw_metrics:
-        merged = {**m, **every, **dict(overrides.get(m["name"], ()))}
+        spec_params = AGGREGATES[m["kind"]].params_spec
+        common = {k: v for k, v in every.items() if k in VERSION_KEYS or k in spec_params}
+        merged = {**m, **common, **dict(overrides.get(m["name"], ()))}
         try:
             changed.append(_metric(merged, ds) if merged != m else defs.metric(m["name"]))
         except ConfigError as exc:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import shutil
 import time
@@ -46,6 +47,7 @@ from batchmark.config import Settings
 from batchmark.definitions import STABLE, Definitions, load_definitions
 from batchmark.errors import BatchmarkError, ConfigError
 
+log = logging.getLogger(__name__)
 SIGNIFICANCE = 0.05  # a sign test below this p-value calls a difference better or worse ...
 MIN_EFFECT = 0.05  # ... when the mean error moved by more than this share of max(tolerance, stable's mean error)
 DAY_SOURCE = "day:"  # a source naming a day of the lake: day:2026-11-24 (or just the date)
@@ -139,17 +141,17 @@ class VersionRun:
     log: Path
     stats_file: Path
     proc: Any = None
-    cpu_s: float = 0.0
-    cpu_at_ready: float = 0.0  # start-up (imports, group join) is not the version's cost per event
     peak_rss: int = 0
     cost: dict[str, Any] = field(default_factory=dict)
 
 
 def _scratch_url(url: str, run_id: str, label: str) -> str:
+    import hashlib
     from urllib.parse import urlsplit, urlunsplit
 
     parts = urlsplit(url)
-    name = f"{storage.db_name(url)}_k{run_id[-6:]}_{label.replace('-', '_')}"[:63]
+    tag = hashlib.sha256(label.encode()).hexdigest()[:6]
+    name = f"{storage.db_name(url)[:40]}_k{run_id[-6:]}_{tag}_{label.replace('-', '_')}"[:63]
     return urlunsplit(parts._replace(path="/" + name))
 
 
@@ -187,6 +189,7 @@ def _prepare(
             "BATCHMARK_EVENTS_TOPIC": topic,
             "BATCHMARK_DLQ_TOPIC": f"{topic}.dlq",
             "BATCHMARK_CONSUMER_GROUP": group,
+            "BATCHMARK_APP_ID": group,  # Faust's own group too: production's worker never sees these join
             "BATCHMARK_DEFINITIONS": str(settings.definitions_path),
             "BATCHMARK_VERSION": label,
             "BATCHMARK_BENCH_STATS": str(home / "stats.json"),
@@ -207,7 +210,6 @@ def _sample(runs: list[VersionRun]) -> None:
         with contextlib.suppress(psutil.Error):
             p = psutil.Process(r.proc.pid)
             procs = [p, *p.children(recursive=True)]
-            r.cpu_s = max(r.cpu_s, sum(sum(q.cpu_times()[:2]) for q in procs))
             r.peak_rss = max(r.peak_rss, sum(q.memory_info().rss for q in procs))
 
 
@@ -223,7 +225,10 @@ def _done(run: VersionRun, topic: str, partitions: int, end_watermark_ms: int) -
 def _run_workers(
     settings: Settings, runs: list[VersionRun], topic: str, end_watermark_ms: int, timeout_s: float, replay: Any
 ) -> None:
-    """Start the versions' workers, replay (after they are ready when paced, else before), wait for both."""
+    """Start the versions' workers and wait until both have closed every window; with `replay` (paced), send
+    the records once both are ready, in a thread, while the workers are watched and sampled."""
+    import threading
+
     from batchmark import demo
 
     for r in runs:
@@ -231,14 +236,24 @@ def _run_workers(
     try:
         for r in runs:
             demo.wait_until_ready(r.proc, r.log, since=0)
-        _sample(runs)
-        for r in runs:
-            r.cpu_at_ready = r.cpu_s
-        replay()
+        failed: list[BaseException] = []
+        sender = None
+        if replay is not None:
+
+            def send() -> None:
+                try:
+                    replay()
+                except BaseException as exc:  # noqa: BLE001 - reported by the waiting loop
+                    failed.append(exc)
+
+            sender = threading.Thread(target=send, name="kappa-replay", daemon=True)
+            sender.start()
         t0 = time.monotonic()
         pending = list(runs)
-        while pending:
+        while pending or (sender is not None and sender.is_alive()):
             _sample(runs)
+            if failed:
+                raise failed[0]
             for r in list(pending):
                 if r.proc.poll() is not None:
                     raise BatchmarkError(
@@ -252,6 +267,8 @@ def _run_workers(
                     f"see {', '.join(str(r.log) for r in pending)}"
                 )
             time.sleep(0.2)
+        if failed:
+            raise failed[0]
         time.sleep(0.3)  # the stats file is written right after the commit the poll saw
         _sample(runs)
     finally:
@@ -269,7 +286,8 @@ def _cost(run: VersionRun, events: int) -> dict[str, Any]:
         "events": events,
         "seconds": round(seconds, 3) if seconds else None,
         "events_per_s": round(events / seconds) if seconds else None,
-        "cpu_s_per_million": round((run.cpu_s - run.cpu_at_ready) / events * 1e6, 2) if events else None,
+        # the worker's own CPU time from its first fetched batch to its last commit (streaming/stats.py)
+        "cpu_s_per_million": round(stats["cpu_s"] / events * 1e6, 2) if events and stats.get("cpu_s") else None,
         "peak_rss_mb": round(run.peak_rss / 2**20, 1),
         "close_to_visible_p99_s": round(float(np.percentile(lat, 99)), 3) if lat else None,
         "state_bytes_per_window": {m: round(b / n) for m, (b, n) in sorted(sb.items()) if n},
@@ -344,9 +362,16 @@ def sign_test(differences: Iterable[float]) -> tuple[int, int, int, float]:
     n = worse + better
     if n == 0:
         return worse, better, ties, 1.0
+    # P(X <= k) for X ~ Binomial(n, 1/2), in log space (exact terms, no big integers): fast for any n
     k = min(worse, better)
-    p = 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n
-    return worse, better, ties, min(1.0, p)
+    log_term = -n * math.log(2)  # C(n, 0) / 2^n
+    logs = [log_term]
+    for i in range(k):
+        log_term += math.log(n - i) - math.log(i + 1)
+        logs.append(log_term)
+    top = max(logs)
+    tail = math.exp(top) * sum(math.exp(x - top) for x in logs)
+    return worse, better, ties, min(1.0, 2 * tail)
 
 
 def _difference(a: float, b: float) -> float:
@@ -380,6 +405,7 @@ def _version_figures(frame: pd.DataFrame, tolerance: float) -> dict[str, Any]:
     finite = err[np.isfinite(err)]
     return {
         "windows": len(frame),
+        "missing": int(frame["stream_value"].isna().sum()),  # truth windows this version never wrote
         "max_error": float(err.max()) if len(err) else None,
         "mean_error": float(finite.mean()) if len(finite) else None,
         "within_tolerance": float((err <= tolerance).mean()) if len(err) else None,
@@ -401,6 +427,8 @@ def _cause(stable: dict[str, Any], candidate: dict[str, Any], verdict: str) -> s
     the sketch), named; 'none' when the versions are the same."""
     if verdict == "same":
         return "none"
+    if candidate["missing"] != stable["missing"]:
+        return f"windows missing: {stable['missing']} -> {candidate['missing']}"
     moved = {
         name: abs(candidate[f"{key}_effect"] - stable[f"{key}_effect"])
         + (abs(candidate[f"n_{key}"] - stable[f"n_{key}"]) if key != "sketch" else 0)
@@ -411,26 +439,31 @@ def _cause(stable: dict[str, Any], candidate: dict[str, Any], verdict: str) -> s
 
 
 def judge(
-    truth_by_label: dict[str, pd.DataFrame], stable: str, candidate: str, defs: Definitions
+    truth_by_label: dict[str, pd.DataFrame],
+    stable: str,
+    candidate: str,
+    defs: Definitions,
+    candidate_defs: Definitions | None = None,
 ) -> list[MetricComparison]:
-    """Per metric: each version's figures and the paired sign test over the windows both have."""
+    """Per metric: each version's figures and the paired sign test over the windows both have. The yardstick
+    (tolerance, mostly) is the stable version's. A metric whose window differs between the versions is not
+    paired (its windows are not the same windows): its verdict is 'not paired', judged on the figures alone."""
     out = []
     for m in defs.metrics:
+        other = candidate_defs.metric(m.name) if candidate_defs else m
         frames = {}
         for label in (stable, candidate):
             f = truth_by_label[label]
             frames[label] = f[f["metric"] == m.name].set_index(["group_key", "window_start_ms"])
         s, c = frames[stable], frames[candidate]
-        common = s.index.intersection(c.index)
+        paired = other.window_ms == m.window_ms
+        common = s.index.intersection(c.index) if paired else s.index[:0]
         diffs = [
             _difference(float(a), float(b)) for a, b in zip(c.loc[common, "error"], s.loc[common, "error"], strict=True)
         ]
-        worse, better, ties, p = sign_test(diffs)
         sf, cf = _version_figures(s, m.tolerance), _version_figures(c, m.tolerance)
-        moved = abs((cf["mean_error"] or 0.0) - (sf["mean_error"] or 0.0))
-        matters = moved > MIN_EFFECT * max(m.tolerance, sf["mean_error"] or 0.0)
-        significant = worse + better > 0 and p < SIGNIFICANCE and matters
-        verdict = ("worse" if worse > better else "better") if significant else "same"
+        worse, better, ties, p = sign_test(diffs)
+        verdict = _verdict(worse, better, p, sf, cf, m.tolerance) if paired else "not paired"
         out.append(
             MetricComparison(
                 m.name,
@@ -449,6 +482,23 @@ def judge(
             )
         )
     return out
+
+
+def _verdict(worse: int, better: int, p: float, sf: dict[str, Any], cf: dict[str, Any], tolerance: float) -> str:
+    """better / worse when the sign test says so (p < 0.05), the mean error moved the same way by more than
+    MIN_EFFECT of max(tolerance, stable's mean error) and no more windows went missing the other way; 'mixed'
+    when the window counts and the mean disagree; else 'same'. A version that lost windows is worse."""
+    missing = cf["missing"] - sf["missing"]
+    if missing:
+        return "worse" if missing > 0 else "better"
+    if worse + better == 0 or p >= SIGNIFICANCE:
+        return "same"
+    moved = (cf["mean_error"] or 0.0) - (sf["mean_error"] or 0.0)
+    if abs(moved) <= MIN_EFFECT * max(tolerance, sf["mean_error"] or 0.0):
+        return "same"
+    if (worse > better) != (moved > 0):
+        return "mixed"
+    return "worse" if worse > better else "better"
 
 
 def verdict_line(
@@ -572,57 +622,87 @@ def compare_versions(
     run_id = run_id or datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     work = settings.home / "kappa" / run_id
     work.mkdir(parents=True, exist_ok=True)
-    path, described = resolve_source(settings, base, source, work)
+    described = check_source(settings, source)
     topic = f"{settings.events_topic}.kappa.{run_id}"
-    create_topics(settings.bootstrap_servers, {topic: settings.partitions, f"{topic}.dlq": 1}, keyed=(topic,))
-    started = datetime.now(UTC)
-    _record_run(settings, run_id, described, stable, candidate, topic, started)
-    runs = _prepare(settings, defs_by_label, run_id, topic, work)
-    # the end-of-stream punctuation must close every window of both versions: the longer lateness decides
-    slowest = max(defs_by_label.values(), key=lambda d: max(m.allowed_lateness_ms for m in d.metrics))
-    sent: dict[str, Any] = {}
+    _record_run(settings, run_id, described, stable, candidate, topic, datetime.now(UTC))
+    runs: list[VersionRun] = []
+    try:  # from here on, whatever happens: the run is marked, and the scratch databases, topics, files go
+        path, described = resolve_source(settings, base, source, work)
+        create_topics(settings.bootstrap_servers, {topic: settings.partitions, f"{topic}.dlq": 1}, keyed=(topic,))
+        runs = _prepare(settings, defs_by_label, run_id, topic, work)
+        # the end-of-stream punctuation must close every window of both versions: the longer lateness decides
+        slowest = max(defs_by_label.values(), key=lambda d: max(m.allowed_lateness_ms for m in d.metrics))
+        end = _end_watermark_of(path, slowest)  # refuses a file with no usable event time, before any replay
+        sent: dict[str, Any] = {}
 
-    def do_replay() -> None:
-        import asyncio
+        def do_replay() -> None:
+            import asyncio
 
-        sent["stats"] = asyncio.run(
-            replay_async(path, settings.bootstrap_servers, topic, slowest, rate=rate, progress=False)
-        )
+            sent["stats"] = asyncio.run(
+                replay_async(path, settings.bootstrap_servers, topic, slowest, rate=rate, progress=False)
+            )
 
-    try:
         if rate is None:  # as fast as possible: the topic is full before the workers start, so events/s is theirs
             do_replay()
-            _run_workers(settings, runs, topic, sent["stats"].end_watermark_ms, timeout_s, lambda: None)
+            _run_workers(settings, runs, topic, end, timeout_s, None)
         else:  # paced: the workers meet the records as a live stream
-            end = _end_watermark_of(path, slowest)
             _run_workers(settings, runs, topic, end, timeout_s, do_replay)
-        stats = sent["stats"]
-        events = stats.records
+        events = sent["stats"].records
         records = _valid_records(path, base)
         truth_by_label, costs = {}, {}
         for r in runs:
             r.cost = costs[r.label] = _cost(r, events)
             stream = _stream_values(r)
             flagged = _flags(r, records, r.defs)
-            truth_by_label[r.label] = window_accuracy(flagged, list(r.defs.metrics), stream, r.defs.dataset.calendar)
-        comparisons = judge(truth_by_label, stable, candidate, defs_by_label[stable])
+            judged = window_accuracy(flagged, list(r.defs.metrics), stream, r.defs.dataset.calendar)
+            judged["error"] = judged["error"].astype(float)
+            judged.loc[judged["stream_value"].isna(), "error"] = math.inf  # a window never written is all wrong
+            truth_by_label[r.label] = judged
+        comparisons = judge(truth_by_label, stable, candidate, defs_by_label[stable], defs_by_label[candidate])
         changes = {label: base.version_spec(label).changes() for label in (stable, candidate)}
         result = Comparison(
             run_id, described, stable, candidate, events, comparisons, costs,
             verdict_line(candidate, stable, comparisons, costs), changes,
         )  # fmt: skip
         result.path = work / "comparison.json"
-        result.path.write_text(json.dumps(result.to_json(), indent=1, default=str))
+        result.path.write_text(json.dumps(jsonable(result.to_json()), indent=1, default=str))
         _store(settings, result, runs, truth_by_label)
         return result
     except BaseException as exc:
         _finish_run(settings, run_id, "failed", str(exc)[:2000], None)
         raise
     finally:
-        for r in runs:
+        _clean_up(settings, runs, topic, work, keep)
+
+
+def _clean_up(settings: Settings, runs: list[VersionRun], topic: str, work: Path, keep: bool) -> None:
+    """Drop each scratch database, delete the run's topics, remove the lakes and the converted source; each on
+    its own, so one failure does not leave the rest behind."""
+    from batchmark.broker import delete_topics
+
+    for r in runs:
+        with contextlib.suppress(Exception):
+            demo_stop(r.proc)
+        try:
             _drop_database(r.database_url)
-            if not keep:
-                shutil.rmtree(r.home / "lake", ignore_errors=True)
+        except Exception as exc:  # noqa: BLE001 - say what is left, go on with the rest
+            log.warning("scratch database %s not dropped: %s", storage.db_name(r.database_url), exc)
+        if not keep:
+            shutil.rmtree(r.home / "lake", ignore_errors=True)
+    try:
+        delete_topics(settings.bootstrap_servers, [topic, f"{topic}.dlq"])
+    except Exception as exc:  # noqa: BLE001
+        log.warning("topics %s and %s.dlq not deleted: %s", topic, topic, exc)
+    if not keep:
+        for f in work.glob("lake-*.jsonl"):
+            f.unlink(missing_ok=True)
+
+
+def demo_stop(proc: Any) -> None:
+    from batchmark import demo
+
+    if proc is not None:
+        demo.stop(proc)
 
 
 def _end_watermark_of(path: Path, defs: Definitions) -> int:
@@ -654,7 +734,9 @@ def _finish_run(settings: Settings, run_id: str, status: str, verdict: str, resu
                 status,
                 verdict,
                 result.events if result else None,
-                psycopg2.extras.Json(result.to_json(), dumps=lambda o: json.dumps(o, default=str)) if result else None,
+                psycopg2.extras.Json(jsonable(result.to_json()), dumps=lambda o: json.dumps(o, default=str))
+                if result
+                else None,
                 run_id,
             ),
         )
@@ -730,12 +812,23 @@ def _store(
                     c.p_value,
                     c.verdict,
                     c.cause,
-                    psycopg2.extras.Json({"stable": c.stable, "candidate": c.candidate}),
+                    psycopg2.extras.Json(jsonable({"stable": c.stable, "candidate": c.candidate})),
                 )
                 for c in result.metrics
             ],  # fmt: skip
         )
     _finish_run(settings, result.run_id, "done", result.verdict, result)
+
+
+def jsonable(obj: Any) -> Any:
+    """obj with every non-finite float as a string ('inf', '-inf') or None (NaN): JSON and jsonb refuse them."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    return obj
 
 
 def _num(x: Any) -> float | None:

@@ -13,8 +13,9 @@ and closed every window, and judges both against the truth of the same records.
    with what to fix otherwise.
 2. replay_and_compare: `batchmark.kappa.compare_versions`: per metric, each version's error against the truth
    (max, mean, share within tolerance) and its attribution (late, lost, duplicates, sketch); the candidate
-   against the stable version, better / same / worse by a paired sign test over the windows; each version's
-   cost (events/s, CPU per million events, peak memory, state bytes per window, close -> visible latency).
+   against the stable version, better / same / worse (or mixed, not paired) by a paired sign test over the
+   windows; each version's cost (events/s, CPU per million events, peak memory, state bytes per window,
+   close -> visible latency).
    Stored in `quality.version_comparison` (and the run in `quality.version_runs`); each version's results under
    its label in `stream.version_results`.
 3. verdict: the comparison's table and the verdict line ("candidate is worse on cpu_seconds (late events) ...").

@@ -71,6 +71,11 @@ def _hooks_from_env(knobs: Knobs) -> Any:
 
 _knobs = Knobs.from_env()
 app = create_app(
-    hooks=_hooks_from_env(_knobs), group=os.environ.get("BATCHMARK_CONSUMER_GROUP", "").strip() or None, knobs=_knobs
+    hooks=_hooks_from_env(_knobs),
+    # a Faust app id is also Faust's own consumer group: another deployment on the same broker (a Kappa
+    # comparison's workers) takes its own, so it never rebalances production's
+    app_id=os.environ.get("BATCHMARK_APP_ID", "").strip() or "batchmark-stream",
+    group=os.environ.get("BATCHMARK_CONSUMER_GROUP", "").strip() or None,
+    knobs=_knobs,
 )
 EVENTS_GROUP = app.worker_state.group

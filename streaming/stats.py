@@ -29,6 +29,7 @@ class BenchStats:
         self.path = path
         self.knobs = knobs
         self.first_wall: float | None = None
+        self.cpu0: float | None = None
         self.last_wall: float | None = None
         self.batches = 0
         self.records = 0
@@ -42,6 +43,7 @@ class BenchStats:
         self.t_batch = self.time()
         if self.first_wall is None:
             self.first_wall = self.t_batch
+            self.cpu0 = time.process_time()  # the worker's CPU from here (start-up and group join excluded)
         self.batches += 1
         self.records += n
         self.wm_before = {p: rt.state.watermark_ms for p, rt in processor.partitions.items()}
@@ -89,6 +91,7 @@ class BenchStats:
             "batches": self.batches,
             "records": self.records,
             "latencies_s": self.latencies,
+            "cpu_s": time.process_time() - self.cpu0 if self.cpu0 is not None else None,
             "summary": processor.summary(),
             "state_bytes": self.state_bytes,
             "settings": dataclasses.asdict(self.knobs),

@@ -108,7 +108,9 @@ def _frame(metric: str, errors: list[float], **extra: list[float]) -> pd.DataFra
     cols |= {k: [0.0] * n for k in ("late_effect", "lost_effect", "dup_effect", "sketch_effect")}
     cols |= extra
     return pd.DataFrame(
-        {"metric": metric, "group_key": [f"g{i}" for i in range(n)], "window_start_ms": [0] * n, "error": errors} | cols
+        {"metric": metric, "group_key": [f"g{i}" for i in range(n)], "window_start_ms": [0] * n, "error": errors}
+        | {"stream_value": [None if math.isinf(e) else 1.0 for e in errors]}
+        | cols
     )
 
 
@@ -232,3 +234,46 @@ def test_a_worse_candidate_still_within_tolerance_says_so(tmp_path: Path) -> Non
     assert kappa.verdict_line("c", "s", [c], {"s": {}, "c": {}}) == (
         "candidate 'c' against 's': worse on duration_p95 (sketch error, still within tolerance)"
     )
+
+
+def test_lost_windows_mixed_directions_and_other_windows_are_not_called_same(tmp_path: Path) -> None:
+    path = _defs(tmp_path, '[[version]]\nlabel = "five"\n[version.metrics.jobs]\nwindow = "5m"\n')
+    defs = load_definitions(path).only(["jobs", "cpu_seconds", "mem_gb_mean"])
+    five = load_definitions(path, version="five")
+    n = 60
+    stable = pd.concat([_frame("jobs", [0.0] * n), _frame("cpu_seconds", [0.0] * n), _frame("mem_gb_mean", [0.1] * n)])
+    candidate = pd.concat(
+        [
+            _frame("jobs", [0.0] * n),
+            _frame("cpu_seconds", [0.0] * 55 + [math.inf] * 5),  # five windows never written: all wrong
+            # a little better in 40 windows, much worse in 20: the mean rose while most windows improved
+            _frame("mem_gb_mean", [0.09] * 40 + [0.5] * 20),
+        ]
+    )
+    out = {c.metric: c for c in kappa.judge({"s": stable, "c": candidate}, "s", "c", defs, five)}
+    assert out["jobs"].verdict == "not paired" and out["jobs"].windows == 0  # 1m windows against 5m ones
+    assert (out["cpu_seconds"].verdict, out["cpu_seconds"].cause) == ("worse", "windows missing: 0 -> 5")
+    assert out["cpu_seconds"].candidate["max_error"] == math.inf and out["cpu_seconds"].candidate["missing"] == 5
+    assert out["mem_gb_mean"].verdict == "mixed"
+    assert kappa.jsonable({"a": math.inf, "b": [math.nan, 1.0]}) == {"a": "inf", "b": [None, 1.0]}
+
+
+def test_a_star_parameter_reaches_only_the_kinds_that_take_it(tmp_path: Path) -> None:
+    star = '[[version]]\nlabel = "k400"\n[version.metrics."*"]\nk = 400\nallowed_lateness = "1s"\n'
+    v = load_definitions(_defs(tmp_path, star), version="k400")
+    assert {v.metric(f"duration_p{q}").params["k"] for q in (50, 95, 99)} == {400}
+    assert v.metric("top_users").params["k"] == 400  # top-k's k too: the same name
+    assert "k" not in v.metric("jobs").params and {m.allowed_lateness_ms for m in v.metrics} == {1000}
+    only_jobs = DEFAULT.split("[[metric]]")[0] + '[[metric]]\nname = "jobs"\nkind = "count"\ngroup_by = ["tenant"]\n'
+    path = tmp_path / "jobs.toml"
+    path.write_text(only_jobs + '[[version]]\nlabel = "x"\n[version.metrics."*"]\ncapacity = 64\n')
+    with pytest.raises(ConfigError, match="no metric here takes 'capacity'"):
+        load_definitions(path, version="x")
+
+
+def test_the_sign_test_is_fast_and_right_for_many_windows() -> None:
+    # 20,000 paired windows, 10,200 worse: z = 2.83, two-sided p = 0.0047 (normal approximation)
+    p = kappa.sign_test([1.0] * 10_200 + [-1.0] * 9_800)[3]
+    assert 0.0040 < p < 0.0052
+    exact = 2 * sum(math.comb(30, i) for i in range(9)) / 2**30  # 22 worse, 8 better, exactly
+    assert kappa.sign_test([1.0] * 22 + [-1.0] * 8)[3] == pytest.approx(exact, rel=1e-12)

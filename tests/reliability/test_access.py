@@ -413,10 +413,12 @@ def test_quality_role(roles: dict[str, str], pg_url: str) -> None:
         == 1
     )
     storage.record_task_failure(url, "access_test", "t", "r", str(DAY), "boom")
-    # init_schema (run by the owner) drops and re-creates the view: the quality role keeps reading it.
+    # init_schema (run by the owner) drops and re-creates the views: the quality role keeps reading them.
     storage.init_schema(pg_url)
     with storage.transaction(url) as cur:
         cur.execute("SELECT count(*) FROM quality.comparison WHERE metric = %s", (METRIC,))
+        assert cur.fetchone()[0] >= 0
+        cur.execute("SELECT count(*) FROM serving.results WHERE metric = %s", (METRIC,))
         assert cur.fetchone()[0] >= 0
     for statement, params in [
         (STREAM_ROW, _row("q")),
