@@ -181,7 +181,8 @@ def _prepare(
         storage.init_schema(url)
         home = work / label
         home.mkdir(parents=True, exist_ok=True)
-        group = f"kappa-{run_id}-{label}"
+        app_id = f"kappa-{run_id}-{label}"
+        group = f"{app_id}-events"  # the fetcher's group; Faust's own group is the app id
         env = {
             "DATABASE_URL": url,
             "BATCHMARK_HOME": str(home),
@@ -189,7 +190,7 @@ def _prepare(
             "BATCHMARK_EVENTS_TOPIC": topic,
             "BATCHMARK_DLQ_TOPIC": f"{topic}.dlq",
             "BATCHMARK_CONSUMER_GROUP": group,
-            "BATCHMARK_APP_ID": group,  # Faust's own group too: production's worker never sees these join
+            "BATCHMARK_APP_ID": app_id,  # Faust's own group: production's worker never sees these join
             "BATCHMARK_DEFINITIONS": str(settings.definitions_path),
             "BATCHMARK_VERSION": label,
             "BATCHMARK_BENCH_STATS": str(home / "stats.json"),
@@ -428,7 +429,8 @@ def _cause(stable: dict[str, Any], candidate: dict[str, Any], verdict: str) -> s
     if verdict == "same":
         return "none"
     if candidate["missing"] != stable["missing"]:
-        return f"windows missing: {stable['missing']} -> {candidate['missing']}"
+        why = _cause({**stable, "missing": 0}, {**candidate, "missing": 0}, verdict)
+        return f"{why}; windows missing {stable['missing']} -> {candidate['missing']}"
     moved = {
         name: abs(candidate[f"{key}_effect"] - stable[f"{key}_effect"])
         + (abs(candidate[f"n_{key}"] - stable[f"n_{key}"]) if key != "sketch" else 0)

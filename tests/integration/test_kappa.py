@@ -59,7 +59,8 @@ def test_a_planted_candidate_is_worse_on_exactly_the_metrics_it_touches(stored_d
         result = kappa.compare_versions(config.load(), str(data), "candidate")
     verdicts = {c.metric: (c.verdict, c.cause) for c in result.metrics}
     assert {m for m, (v, _) in verdicts.items() if v != "same"} == {"cpu_seconds", "distinct_users"}, verdicts
-    assert verdicts["cpu_seconds"] == ("worse", "late events")
+    # no lateness: some windows' every event came late, so the candidate never wrote them
+    assert verdicts["cpu_seconds"][0] == "worse" and verdicts["cpu_seconds"][1].startswith("late events")
     assert verdicts["distinct_users"] == ("worse", "sketch error")
     by = {c.metric: c for c in result.metrics}
     # the stable version counted every out-of-order event, the candidate's cpu_seconds dropped some as late
@@ -69,7 +70,7 @@ def test_a_planted_candidate_is_worse_on_exactly_the_metrics_it_touches(stored_d
     assert (
         by["distinct_users"].p_value < 1e-6 and by["distinct_users"].worse_windows > 0.9 * by["distinct_users"].windows
     )
-    assert "worse on cpu_seconds (late events), distinct_users (sketch error)" in result.verdict
+    assert "worse on cpu_seconds (late events" in result.verdict and "distinct_users (sketch error)" in result.verdict
     for label in ("stable", "candidate"):
         cost = result.costs[label]
         assert cost["events_per_s"] > 0 and cost["cpu_s_per_million"] > 0 and cost["peak_rss_mb"] > 50
