@@ -461,9 +461,10 @@ def test_a_configuration_error_fails_at_once_without_retries(stack: dict[str, An
     assert "unknown metric 'no_such_metric'" in rows[0][2] and "jobs" in rows[0][2]  # says what to fix
 
 
-def test_replay_benchmark_triggered_through_the_api_compares_two_versions(stack: dict[str, Any]) -> None:
-    """The Kappa comparison as the UI triggers it: Params checked by Airflow (a label that is not one is a 400),
-    then the stored day replayed into `stable` and `small-sketches` by the stack's own scheduler and workers."""
+def test_replay_benchmark_triggered_from_the_ui_compares_two_versions(stack: dict[str, Any], browser: Any) -> None:
+    """The Kappa comparison as a person triggers it: the DAG's form in a browser (Source, Candidate), then the
+    stored day replayed into `stable` and `small-sketches` by the stack's own scheduler and workers. A label
+    that is not one is refused by Airflow before any run (a 400 from the API the form calls)."""
     api: Api = stack["api"]
     bad = api.client.post(
         "/api/v2/dags/replay_benchmark/dagRuns",
@@ -471,13 +472,17 @@ def test_replay_benchmark_triggered_through_the_api_compares_two_versions(stack:
         headers=api.headers,
     )
     assert bad.status_code == 400 and "does not match" in bad.text, bad.text
-    r = api.client.post(
-        "/api/v2/dags/replay_benchmark/dagRuns",
-        json={"conf": {"source": UI_DAY.isoformat(), "candidate": "small-sketches"}, "logical_date": None},
-        headers=api.headers,
-    )
-    assert r.status_code == 200, r.text
-    run_id = r.json()["dag_run_id"]
+    with _page(browser, stack, "admin") as page:
+        page.goto(stack["base"] + "/dags/replay_benchmark")
+        page.get_by_role("button", name="Trigger").first.click()
+        dialog = page.get_by_role("dialog")
+        dialog.locator("input[name=element_source]").fill(UI_DAY.isoformat())
+        dialog.locator("input[name=element_candidate]").fill("small-sketches")
+        page.screenshot(path=str(ARTIFACTS / "06-replay-benchmark-form.png"))
+        dialog.get_by_role("button", name="Trigger").click()
+        runs = api.wait_for_runs("replay_benchmark", lambda r: r["run_type"] == "manual", 1, timeout_s=300)
+    run_id = runs[0]["dag_run_id"]
+    assert runs[0]["conf"]["candidate"] == "small-sketches" and runs[0]["conf"]["source"] == UI_DAY.isoformat()
     deadline = time.monotonic() + 300
     while (state := api.get(f"/api/v2/dags/replay_benchmark/dagRuns/{run_id}")["state"]) not in ("failed", "success"):
         assert time.monotonic() < deadline, f"{run_id} still {state}"
