@@ -14,18 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import pandas as pd
 import pytest
 from psycopg2 import sql
 
 from batchmark import storage
 from batchmark.aggregates import AGGREGATES, Aggregate, Detail, Param, impossible_sql, register
-from batchmark.batch_compute import window_accuracy
 from batchmark.config import REPO_ROOT
 from batchmark.definitions import load_definitions
-from batchmark.engine import PartitionState
 from batchmark.errors import ConfigError
-from batchmark.events import Rejection, validate
+from tests.test_custom_dataset import _stream_and_batch
 
 DATASET = (REPO_ROOT / "batchmark" / "metrics.toml").read_text().split("[[metric]]")[0]
 
@@ -115,18 +112,7 @@ def test_stream_and_batch_agree_and_the_view_judges_it_with_its_own_sql(
     defs = load_definitions(_defs(tmp_path, SPREAD))
     cpus = [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
     records = [_event(i, f"t{i % 3}", i // 50, cpus[(i * 5) % 7]) for i in range(200)]  # in time order
-    state, events, marks = PartitionState(defs), [], []
-    for offset, raw in enumerate(records):
-        event = validate(raw, defs.dataset)
-        assert not isinstance(event, Rejection), event
-        marks.append(state.watermark_ms)
-        state.add(event, offset)
-        events.append(event)
-    state.advance(state.watermark_ms + 86_400_000)
-    results, _ = state.close_ready()
-    stream = {(r.metric, r.group_key, r.window_start_ms): (r.value, r.detail) for r in results}
-    pdf = pd.DataFrame(events).assign(_in_lake=True, _copy=0, _in_truth=True, _watermark_ms=marks)
-    batch = window_accuracy(pdf, list(defs.metrics), stream, defs.dataset.calendar)
+    events, stream, _, batch = _stream_and_batch(defs, records)  # both engines, as in the custom-dataset tests
     # an independent computation: (max - min) * 2 per tenant and minute
     want: dict[tuple[str, int], list[float]] = {}
     for e in events:
