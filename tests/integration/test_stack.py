@@ -61,14 +61,15 @@ def _db_url(pg_url: str, name: str) -> str:
 
 
 def _drop_database(url: str) -> None:
+    """The database and, beside it, the Airflow metadata database `batchmark up` made for it (`<db>_airflow`)."""
     from psycopg2 import sql
 
     conn = storage.connect(storage.server_url(url))
     conn.autocommit = True
     with conn.cursor() as cur:
-        name = storage.db_name(url)
-        cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-        cur.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+        for name in (storage.db_name(url), storage.db_name(url) + "_airflow"):
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
     conn.close()
 
 
