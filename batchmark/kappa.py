@@ -155,28 +155,13 @@ def _scratch_url(url: str, run_id: str, label: str) -> str:
     return urlunsplit(parts._replace(path="/" + name))
 
 
-def _drop_database(url: str) -> None:
-    from psycopg2 import sql
-
-    conn = storage.connect(storage.server_url(url))
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (storage.db_name(url),)
-            )
-            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(storage.db_name(url))))
-    finally:
-        conn.close()
-
-
 def _prepare(
     settings: Settings, defs_by_label: dict[str, Definitions], run_id: str, topic: str, work: Path
 ) -> list[VersionRun]:
     runs = []
     for label, defs in defs_by_label.items():
         url = _scratch_url(settings.database_url, run_id, label)
-        _drop_database(url)
+        storage.drop_database(url)
         storage.ensure_database(url)
         storage.init_schema(url)
         home = work / label
@@ -680,13 +665,15 @@ def compare_versions(
 def _clean_up(settings: Settings, runs: list[VersionRun], topic: str, work: Path, keep: bool) -> None:
     """Drop each scratch database, delete the run's topics, remove the lakes and the converted source; each on
     its own, so one failure does not leave the rest behind."""
+    from batchmark import demo
     from batchmark.broker import delete_topics
 
     for r in runs:
-        with contextlib.suppress(Exception):
-            demo_stop(r.proc)
+        if r.proc is not None:
+            with contextlib.suppress(Exception):
+                demo.stop(r.proc)
         try:
-            _drop_database(r.database_url)
+            storage.drop_database(r.database_url)
         except Exception as exc:  # noqa: BLE001 - say what is left, go on with the rest
             log.warning("scratch database %s not dropped: %s", storage.db_name(r.database_url), exc)
         if not keep:
@@ -698,13 +685,6 @@ def _clean_up(settings: Settings, runs: list[VersionRun], topic: str, work: Path
     if not keep:
         for f in work.glob("lake-*.jsonl"):
             f.unlink(missing_ok=True)
-
-
-def demo_stop(proc: Any) -> None:
-    from batchmark import demo
-
-    if proc is not None:
-        demo.stop(proc)
 
 
 def _end_watermark_of(path: Path, defs: Definitions) -> int:

@@ -438,6 +438,20 @@ def transaction(url: str) -> Iterator[psycopg2.extensions.cursor]:
         conn.close()
 
 
+def drop_database(url: str) -> None:
+    """Drop the database named in url (gone already is fine), ending its sessions first."""
+    from psycopg2 import sql
+
+    conn = connect(server_url(url))
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (db_name(url),))
+            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(db_name(url))))
+    finally:
+        conn.close()
+
+
 def ensure_database(url: str) -> None:
     """Create the database named in url if it does not exist, then the schema."""
     create_database(url)

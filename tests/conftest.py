@@ -50,14 +50,7 @@ def pg_url():  # noqa: ANN201 - a generator fixture yielding the URL
     storage.init_schema(url)
     yield url
     if storage.db_name(url) == _DB:  # ours alone: drop it (processes the tests started are stopped by now)
-        from psycopg2 import sql
-
-        conn = storage.connect(storage.server_url(url))
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (_DB,))
-            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(_DB)))
-        conn.close()
+        storage.drop_database(url)
 
 
 @pytest.fixture(scope="session")

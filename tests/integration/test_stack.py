@@ -62,15 +62,8 @@ def _db_url(pg_url: str, name: str) -> str:
 
 def _drop_database(url: str) -> None:
     """The database and, beside it, the Airflow metadata database `batchmark up` made for it (`<db>_airflow`)."""
-    from psycopg2 import sql
-
-    conn = storage.connect(storage.server_url(url))
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        for name in (storage.db_name(url), storage.db_name(url) + "_airflow"):
-            cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
-            cur.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
-    conn.close()
+    storage.drop_database(url)
+    storage.drop_database(url.rsplit("/", 1)[0] + "/" + storage.db_name(url) + "_airflow")
 
 
 def _clean_env(home: Path) -> dict[str, str]:
