@@ -343,7 +343,7 @@ class DistinctCount(Aggregate):
     ) -> list[tuple[float, Detail]]:
         codes, uniques = (values, labels) if labels is not None else text_codes(values)
         window = np.repeat(np.arange(len(bounds) - 1, dtype=np.int64), np.diff(bounds))
-        pairs = np.unique(window * (len(uniques) + 1) + codes)
+        pairs, _ = window_value_counts(window, codes, len(bounds) - 1, len(uniques) + 1)
         counts = np.bincount(pairs // (len(uniques) + 1), minlength=len(bounds) - 1)
         return [(float(n), None) for n in counts.tolist()]
 
@@ -353,6 +353,19 @@ class DistinctCount(Aggregate):
 
     def state_bytes(self, state: Any) -> int:
         return state.get_updatable_serialization_bytes()
+
+
+def window_value_counts(
+    window: np.ndarray, codes: np.ndarray, windows: int, width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct (window, code) pairs as window * width + code, ascending, and how often each occurs: what
+    np.unique(..., return_counts=True) gives, by counting in a table when the table is small (no sort)."""
+    combined = window * width + codes
+    if windows * width <= max(1 << 22, 4 * len(combined)):
+        counts = np.bincount(combined, minlength=windows * width)
+        pairs = np.flatnonzero(counts)
+        return pairs, counts[pairs]
+    return np.unique(combined, return_counts=True)
 
 
 def text_codes(values: np.ndarray, sort: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -489,7 +502,14 @@ class TopK(Aggregate):
 
     @staticmethod
     def _exact_top(values: Sequence[Any], k: int) -> list[tuple[str, int]]:
-        counts = Counter(str(v) for v in values)
+        """The k+1 most frequent texts with their counts (count descending, then text)."""
+        if isinstance(values, np.ndarray) and values.dtype == object:  # a window's texts: count in C
+            found = pd.Series(values, dtype=object).value_counts(sort=False, dropna=False)
+            counts: Counter[str] = Counter()
+            for v, n in zip(found.index.tolist(), found.tolist(), strict=True):
+                counts[str(v)] += n  # values with the same text count together, as below
+        else:
+            counts = Counter(str(v) for v in values)
         return sorted(counts.items(), key=lambda t: (-t[1], t[0]))[: k + 1]
 
     def exact(self, values: Sequence[Any]) -> tuple[float, Detail]:
@@ -502,7 +522,7 @@ class TopK(Aggregate):
         codes, uniques = (values, labels) if labels is not None else text_codes(values, sort=True)
         width = len(uniques) + 1
         window = np.repeat(np.arange(len(bounds) - 1, dtype=np.int64), np.diff(bounds))
-        pairs, counts = np.unique(window * width + codes, return_counts=True)
+        pairs, counts = window_value_counts(window, codes, len(bounds) - 1, width)
         win, code = pairs // width, pairs % width
         order = np.lexsort((code, -counts, win))  # per window: count descending, then the item's text
         win, code, counts = win[order], code[order], counts[order]
@@ -623,13 +643,33 @@ def first_fit(items: Sequence[float], capacity: float) -> int:
     return len(bins)
 
 
+def _exact_grid(values: np.ndarray, capacity: float) -> bool:
+    """Whether the items and the capacity are multiples of one power of two 2^p with the capacity below
+    2^53 * 2^p: then every room (capacity minus some items) is a multiple of 2^p below that, so subtracting
+    items is exact and taking k items at once (room - k * x) equals taking them one by one."""
+    both = np.append(values, capacity)
+    if not np.isfinite(both).all():
+        return False
+    mantissa, exponent = np.frexp(both)
+    ints = (mantissa * 2.0**53).astype(np.int64)
+    nz = ints != 0
+    if not nz.any():
+        return True
+    low = ints[nz] & -ints[nz]  # lowest set bit of each mantissa
+    lowest = int((exponent[nz] - 53 + np.log2(low).astype(np.int64)).min())
+    return capacity < math.ldexp(1.0, 53 + lowest)
+
+
 def first_fit_decreasing(items: Sequence[float] | np.ndarray, capacity: float) -> int:
     """Bins First Fit uses for items already sorted largest first: the same count, bin for bin and with the
-    same float arithmetic, as :func:`first_fit` on them, in O(sizes x bins) instead of O(items log bins).
+    same float arithmetic, as :func:`first_fit` on them, in O(sizes x bins) vectorized instead of O(items log
+    bins) in Python.
 
     Equal items come in runs, and within a run a bin that has no room for one item has none for the next:
-    each run fills the open bins in order from the first, then opens bins of its own. Items larger than a bin
-    are placed one by one; negative ones (a bin's room would grow) take :func:`first_fit`'s path.
+    each run fills the open bins that have room, in order from the first, then opens bins of its own. When the
+    arithmetic is exact (:func:`_exact_grid`) a bin takes its share of a run in one step; otherwise item by
+    item. Items larger than a bin are placed one by one; negative ones (a bin's room would grow) take
+    :func:`first_fit`'s path.
     """
     arr = np.asarray(items, dtype=np.float64)
     if not len(arr):
@@ -640,35 +680,67 @@ def first_fit_decreasing(items: Sequence[float] | np.ndarray, capacity: float) -
     starts = np.concatenate([[0], change])
     sizes = arr[starts].tolist()
     runs = np.diff(np.concatenate([starts, [len(arr)]])).tolist()
-    rooms: list[float] = []
+    exact = _exact_grid(arr[starts], capacity)
+    rooms = np.zeros(max(16, len(arr)), dtype=np.float64)  # bins in opening order: their rooms
+    n = 0
+
+    def grow(extra: int) -> None:
+        nonlocal rooms
+        if n + extra > len(rooms):
+            rooms = np.concatenate([rooms, np.zeros(max(n + extra, 2 * len(rooms)) - len(rooms))])
+
     for x, m in zip(sizes, runs, strict=True):
         if x > capacity:  # first_fit's rule: whole bins of its own, then the rest as an item
             full, rest = divmod(x, capacity)
             for _ in range(m):
-                rooms.extend([0.0] * int(full))
+                grow(int(full) + 1)
+                n += int(full)  # their rooms are 0.0
                 if rest:
-                    b = next((b for b, room in enumerate(rooms) if room >= rest), None)
-                    if b is None:
-                        rooms.append(capacity - rest)
+                    fits = np.flatnonzero(rooms[:n] >= rest)
+                    if len(fits):
+                        rooms[fits[0]] -= rest
                     else:
-                        rooms[b] -= rest
+                        rooms[n] = capacity - rest
+                        n += 1
             continue
-        for b, room in enumerate(rooms):
-            if room >= x:
+        for b in np.flatnonzero(rooms[:n] >= x).tolist():  # the bins with room, first to last
+            room = float(rooms[b])
+            if exact and x > 0:
+                k = min(m, int(room // x))
+                while k and room - k * x < 0:  # (never, on the grid; kept as the definition's guard)
+                    k -= 1
+                room -= k * x
+                m -= k
+            else:
                 while m and room >= x:
                     room -= x
                     m -= 1
-                rooms[b] = room
-                if not m:
-                    break
+            rooms[b] = room
+            if not m:
+                break
+        if m and exact and x > 0:  # new bins of `per` items each, the last one with what is left
+            per = min(m, int(capacity // x))
+            while per > 1 and capacity - per * x < 0:
+                per -= 1
+            per = max(per, 1)
+            full_bins, left = divmod(m, per)
+            grow(full_bins + 1)
+            rooms[n : n + full_bins] = capacity - per * x
+            n += full_bins
+            if left:
+                rooms[n] = capacity - left * x
+                n += 1
+            m = 0
         while m:
+            grow(1)
             room = capacity - x
             m -= 1
             while m and room >= x:
                 room -= x
                 m -= 1
-            rooms.append(room)
-    return len(rooms)
+            rooms[n] = room
+            n += 1
+    return n
 
 
 class BinPacking(Aggregate):

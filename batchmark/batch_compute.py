@@ -108,12 +108,13 @@ def bucket_ms(metrics: list[Metric]) -> int:
     return math.lcm(*(m.window_ms for m in metrics))
 
 
-def _windows(
-    pdf: pd.DataFrame, m: Metric, values: np.ndarray | None, sort_values: bool, cache: dict[Any, Any]
-) -> tuple[np.ndarray, ...]:
+def _windows(pdf: pd.DataFrame, m: Metric, values: np.ndarray | None, sort_values: bool, cache: dict[Any, Any]) -> dict:
     """The frame's rows ordered by window (start, then group key; by value inside a window when asked), each
-    row's window number in that order, and each window's start and group key. `cache` keeps what metrics
-    with the same group keys (and window) share."""
+    row's window number in that order, each window's start, group key and end, and the record flags in that
+    order. Metrics with the same group keys and window (and values, when sorted by them) share it: `cache`."""
+    order_key = ("layout", m.group_by, m.window_ms, m.value_expr if sort_values else None)
+    if order_key in cache:
+        return cache[order_key]
     ts = pdf["event_time_ms"].to_numpy(dtype="int64")
     if ("windows", m.window_ms) not in cache:  # each row's window [start, end) in the dataset's calendar
         cache[("windows", m.window_ms)] = cache["calendar"].windows(ts, m.window_ms)
@@ -121,16 +122,62 @@ def _windows(
     if m.group_by not in cache:
         cache[m.group_by] = pd.factorize(group_keys(pdf, m.group_by))
     codes, keys = cache[m.group_by]
-    order_key = (m.group_by, m.window_ms, m.value_expr if sort_values else None)
-    if order_key not in cache:
-        cache[order_key] = np.lexsort((values, codes, starts) if sort_values else (codes, starts))
-    order = cache[order_key]
+    # one stable sort of a single integer (window number, then key): the order lexsort((codes, starts)) gives
+    w_of, _ = cache.setdefault(("window_numbers", m.window_ms), _rank_of(starts))
+    combined = w_of * max(1, len(keys)) + codes
+    if sort_values:  # by value inside a window: sort by value first, then stably by window
+        by_value = np.argsort(values, kind="stable")
+        order = by_value[np.argsort(combined[by_value], kind="stable")]
+    else:
+        order = np.argsort(combined, kind="stable")
     s, c = starts[order], codes[order]
     new = np.ones(len(order), dtype=bool)
     new[1:] = (s[1:] != s[:-1]) | (c[1:] != c[:-1])
     window = np.cumsum(new) - 1
     heads = np.flatnonzero(new)
-    return order, window, s[heads], np.asarray(keys, dtype=object)[c[heads]], ends[order][heads]
+    in_lake = pdf["_in_lake"].to_numpy(dtype=bool)[order]
+    layout = {
+        "order": order,
+        "window": window,
+        "starts": s[heads],
+        "keys": np.asarray(keys, dtype=object)[c[heads]],
+        "ends": ends[order][heads],
+        "in_lake": in_lake,
+        "truth": pdf["_in_truth"].to_numpy(dtype=bool)[order],
+        "first": in_lake & (pdf["_copy"].to_numpy()[order] == 0),
+        "watermark": pdf["_watermark_ms"].to_numpy(dtype="int64")[order],
+    }
+    cache[order_key] = layout
+    return layout
+
+
+def _rank_of(starts: np.ndarray) -> tuple[np.ndarray, int]:
+    """Each row's window number in start order (0, 1, ...), and how many windows."""
+    codes, uniques = pd.factorize(starts, sort=True)  # hashing, then a sort of the few distinct starts
+    return codes.astype(np.int64), len(uniques)
+
+
+def _subsets(layout: dict, m: Metric, pdf: pd.DataFrame, cache: dict[Any, Any]) -> dict:
+    """The metric's record subsets in window order (truth, first copies, landed, seen in time) with their
+    counts per window and, per subset, which windows it differs from the truth in. Metrics that read every
+    record and share a layout and a lateness share them."""
+    key = (id(layout), m.allowed_lateness_ms, None if m.reads_every_record else m.name)
+    if key in cache:
+        return cache[key]
+    window, in_lake, truth, first = layout["window"], layout["in_lake"], layout["truth"], layout["first"]
+    if not m.reads_every_record:  # records the metric does not read (null value, outside its where) are not its
+        present = m.present_mask(pdf)[layout["order"]]
+        in_lake, truth, first = in_lake & present, truth & present, first & present
+    late = in_lake & (layout["watermark"] - m.allowed_lateness_ms >= layout["ends"][window])
+    seen = in_lake & ~late
+    n_windows = len(layout["starts"])
+    masks = {"truth": truth, "first": first, "landed": in_lake, "seen": seen}
+    counts = {name: np.bincount(window[mask], minlength=n_windows) for name, mask in masks.items()}
+    differs = {
+        name: np.bincount(window[masks[name] != truth], minlength=n_windows) > 0 for name in ("first", "landed", "seen")
+    }
+    cache[key] = out = {"masks": masks, "counts": counts, "differs": differs, "emitted": counts["truth"] > 0}
+    return out
 
 
 def _subset_values(
@@ -140,15 +187,17 @@ def _subset_values(
     mask: np.ndarray,
     window: np.ndarray,
     wanted: np.ndarray,
+    counts: np.ndarray,
 ) -> tuple[dict[int, tuple[float | None, Any]], np.ndarray, np.ndarray]:
     """exact() of the rows in `mask`, for the wanted windows: {window: (value, detail)} (None where the kind
-    has no value of nothing), with the subset's values and bounds per window for the accuracy figures."""
-    counts = np.bincount(window[mask], minlength=len(wanted))
+    has no value of nothing), with the subset's values and bounds per window for the accuracy figures.
+    `counts` is the subset's rows per window."""
     bounds = np.concatenate([[0], np.cumsum(counts)])
     vals = values[mask]
     take = np.flatnonzero(wanted & (counts > 0))
     sub_bounds = np.concatenate([[0], np.cumsum(counts[take])])
-    sub_values = vals[wanted[window[mask]]]  # the wanted windows' rows, still in window order
+    every = len(take) == int(np.count_nonzero(counts))  # every window with rows is wanted
+    sub_values = vals if every else vals[wanted[window[mask]]]  # the wanted windows' rows, in window order
     found = agg.exact_windows(sub_values, sub_bounds, labels) if len(take) else []
     results = dict(zip(take.tolist(), found, strict=True))
     empty = agg.exact([]) if agg.defined_on_empty else (None, None)
@@ -162,9 +211,10 @@ def window_accuracy(
 ) -> pd.DataFrame:
     """Flagged records of some groups -> per (metric, group, window): truth, error and its attribution.
 
-    Vectorized per metric: rows are ordered by window once, and each kind's ``exact_windows`` computes all
-    windows of a subset (truth, first copies, landed, seen) at once; a subset equal to the truth in a window
-    (the usual case) takes the truth's value instead of computing it again.
+    Vectorized per metric: rows are ordered by window once per layout (metrics with the same group keys and
+    window share it, and their subsets when they read the same records), and each kind's ``exact_windows``
+    computes all windows of a subset (truth, first copies, landed, seen) at once; a subset equal to the truth
+    in a window (the usual case) takes the truth's value instead of computing it again.
     """
     cache: dict[Any, Any] = {"calendar": calendar or Calendar()}  # windows in the dataset's days (UTC by default)
     frames = [_metric_windows(pdf, m, stream, cache) for m in metrics]
@@ -186,28 +236,18 @@ def _metric_windows(pdf: pd.DataFrame, m: Metric, stream: StreamValues, cache: d
             text_codes(raw.to_numpy(), sort=True) if agg.input == "field" else (raw.to_numpy(), None)
         )
     raw_values, labels = cache[(m.value_expr, agg.input)]
-    order, window, starts, keys, window_ends = _windows(pdf, m, raw_values, agg.sorted_input, cache)
-    values = raw_values[order]
-    in_lake = pdf["_in_lake"].to_numpy(dtype=bool)[order]
-    truth = pdf["_in_truth"].to_numpy(dtype=bool)[order]
-    if not m.reads_every_record:  # records the metric does not read (null value, outside its where) are not its
-        present = m.present_mask(pdf)[order]
-        in_lake, truth = in_lake & present, truth & present
-    first = in_lake & (pdf["_copy"].to_numpy()[order] == 0)
-    watermark = pdf["_watermark_ms"].to_numpy(dtype="int64")[order]
-    late = in_lake & (watermark - m.allowed_lateness_ms >= window_ends[window])
-    seen = in_lake & ~late
-    n_windows = len(starts)
-    n_truth = np.bincount(window[truth], minlength=n_windows)
-    emitted = n_truth > 0
-    t_res, t_vals, t_bounds = _subset_values(agg, values, labels, truth, window, emitted)
+    layout = _windows(pdf, m, raw_values, agg.sorted_input, cache)
+    window, starts, keys, window_ends = layout["window"], layout["starts"], layout["keys"], layout["ends"]
+    values = raw_values[layout["order"]]
+    sub = _subsets(layout, m, pdf, cache)
+    masks, counts, emitted = sub["masks"], sub["counts"], sub["emitted"]
+    t_res, t_vals, t_bounds = _subset_values(agg, values, labels, masks["truth"], window, emitted, counts["truth"])
     per_subset = {}
-    for name, mask in (("first", first), ("landed", in_lake), ("seen", seen)):
-        differs = np.bincount(window[mask != truth], minlength=n_windows) > 0
-        per_subset[name] = (*_subset_values(agg, values, labels, mask, window, emitted & differs), differs)
-    n_first = np.bincount(window[first], minlength=n_windows)
-    n_landed = np.bincount(window[in_lake], minlength=n_windows)
-    n_seen = np.bincount(window[seen], minlength=n_windows)
+    for name in ("first", "landed", "seen"):
+        differs = sub["differs"][name]
+        res = _subset_values(agg, values, labels, masks[name], window, emitted & differs, counts[name])
+        per_subset[name] = (*res, differs)
+    n_truth, n_first, n_landed, n_seen = counts["truth"], counts["first"], counts["landed"], counts["seen"]
     s_vals, s_bounds, s_differs = per_subset["seen"][1], per_subset["seen"][2], per_subset["seen"][3]
     rows = []
     for w in np.flatnonzero(emitted).tolist():

@@ -261,3 +261,24 @@ def test_first_fit_decreasing_is_first_fit_on_sorted_items() -> None:
         pool.append(rng.random() * capacity * 1.5)
         items = sorted((rng.choice(pool) for _ in range(rng.randrange(60))), reverse=True)
         assert first_fit_decreasing(items, capacity) == first_fit(items, capacity), (items, capacity)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_first_fit_decreasing_with_long_runs_on_and_off_the_grid(seed: int) -> None:
+    """Long runs of equal items: on a power-of-two grid a bin takes its share of a run in one step, off it
+    item by item; both must be First Fit's count exactly."""
+    from batchmark.aggregates import first_fit_decreasing
+
+    rng = random.Random(seed)
+    cases = [
+        (64.0, [0.25, 0.5, 1.0, 2.0, 16.0, 48.0, 63.75, 64.0]),  # the grid (the default metric's sizes)
+        (0.75, [0.25, 0.5, 0.125, 0.75]),
+        (1.0, [0.1, 0.2, 0.3, 0.7, 0.35]),  # off the grid: rounding decides what fits
+        (10.0, [3.3, 0.1, 6.7, 2.5, 0.0]),
+        (2.0**60, [2.0**59, 3.0, 2.0**58 + 2.0**7]),  # a capacity beyond the grid's reach
+    ]
+    for capacity, pool in cases:
+        for _ in range(40):
+            sizes = rng.sample(pool, k=rng.randrange(1, len(pool) + 1))
+            items = sorted((rng.choice(sizes) for _ in range(rng.randrange(1, 3000))), reverse=True)
+            assert first_fit_decreasing(items, capacity) == first_fit(items, capacity), (capacity, sizes)
