@@ -71,10 +71,15 @@ def rejection_column(ds: Dataset):  # noqa: ANN201 (a pyspark Column)
     """
     from pyspark.sql import functions as F
 
+    def too_long(c, limit: int):  # noqa: ANN001, ANN202
+        # more characters than the limit; counting characters decodes UTF-8, so only texts with more bytes than
+        # the limit are counted (a text has at least as many bytes as characters)
+        return (F.octet_length(c) > limit) & (F.length(c) > limit)
+
     eid, ts = F.col("event_id"), F.col("event_time_ms")
     checks = [
         (eid.isNull(), "missing_field"),
-        ((F.length(eid) == 0) | (F.length(eid) > 128), "wrong_type"),
+        ((F.octet_length(eid) == 0) | too_long(eid, 128), "wrong_type"),
         (ts.isNull(), "missing_field"),
         ((ts < ds.min_event_time_ms) | (ts >= ds.max_event_time_ms), "out_of_range"),
     ]
@@ -83,7 +88,7 @@ def rejection_column(ds: Dataset):  # noqa: ANN201 (a pyspark Column)
         if not f.nullable:  # a null passes the checks below (their comparisons are null, not true)
             checks.append((c.isNull(), "missing_field"))
         if f.type == "string":
-            checks.append(((F.length(c) == 0) | (F.length(c) > f.max_length), "out_of_range"))
+            checks.append(((F.octet_length(c) == 0) | too_long(c, f.max_length), "out_of_range"))
             continue
         if f.type == "float":
             checks.append((F.isnan(c) | (F.abs(c) == float("inf")), "not_finite"))
@@ -160,7 +165,8 @@ def _windows_fn(defs_path: str, plans: list[list[str]], busy):  # noqa: ANN001, 
                 index=False, name=None
             )
         }
-        out = window_accuracy(records, [d.metric(n) for n in plans[int(key[0])]], values, d.dataset.calendar)
+        plan = plans[int(key[0]) % len(plans)]  # the group key is (bucket * shards + shard) * plans + plan
+        out = window_accuracy(records, [d.metric(n) for n in plan], values, d.dataset.calendar)
         busy.add(time.monotonic() - t)
         return out
 
@@ -214,7 +220,7 @@ def build(spark, defs: Definitions, defs_path: str, lake_path: Path, archive: st
         raw.withColumn(REJECT_COLUMN, rejection_column(ds))
         .select(*fields, "_epoch", "_partition", "_offset", "_watermark_ms", REJECT_COLUMN)
         .withColumn("_invalid", (F.col(REJECT_COLUMN) != "").cast("int"))
-    )  # every field validated, only the used ones carried on
+    )  # every field validated, only the used ones carried on; the reason only to the per-reason count below
     # Partitioned by (a 64-bit hash of the id, the id): the same groups as by the id alone, but the sort
     # compares longs first; ids often share long prefixes (dates, tenants) that make string sorts slow.
     checked = checked.withColumn("_h", F.xxhash64("event_id"))
@@ -222,13 +228,14 @@ def build(spark, defs: Definitions, defs_path: str, lake_path: Path, archive: st
         "_invalid", "_epoch", "_partition", "_offset"
     )  # valid records first: copies are numbered among them (a column, not an expression: 2x faster here)
     ranked = (
-        checked.withColumn("_n", F.row_number().over(arrival))
+        checked.drop(REJECT_COLUMN)
+        .withColumn("_n", F.row_number().over(arrival))
         .withColumn("_rank", F.rank().over(arrival))
         .withColumn("_copy", F.dense_rank().over(arrival) - 1)
         .where(F.col("_n") == F.col("_rank"))  # the first of equal landings
     )
     ranked = ranked.observe(obs_lake, F.count(F.lit(1)).alias("lake_records"), F.sum("_invalid").alias("rejected"))
-    lake = ranked.where(F.col(REJECT_COLUMN) == "").select("_h", *fields, "_watermark_ms", "_copy")
+    lake = ranked.where(F.col("_invalid") == 0).select("_h", *fields, "_watermark_ms", "_copy")
     if archive:
         start_ms, end_ms = ds.calendar.day_bounds_ms(day)
         obs_archive = Observation("archive")
@@ -289,7 +296,15 @@ def build(spark, defs: Definitions, defs_path: str, lake_path: Path, archive: st
         s = shard([F.col(f"`{k}`") for k in keys])
         bucket = F.when(F.col("_plan") == i, b) if bucket is None else bucket.when(F.col("_plan") == i, b)
         shard_col = F.when(F.col("_plan") == i, s) if shard_col is None else shard_col.when(F.col("_plan") == i, s)
-    grouped = exploded.withColumn("_bucket", bucket).withColumn("_shard", shard_col)
+    n_plans = len(plan_keys)
+
+    def group_of(plan, bucket, shard):  # noqa: ANN001, ANN202
+        """One long per (plan, bucket, shard): Spark sorts and hashes a single key column fastest."""
+        return (bucket * shards + shard) * n_plans + plan
+
+    grouped = exploded.select(
+        *[c for c in exploded.columns if c != "_plan"], group_of(F.col("_plan"), bucket, shard_col).alias("_group")
+    )
 
     metric_plan = {m.name: i for i, keys in enumerate(plan_keys) for m in plans[keys]}
     stream = spark.range(1, numPartitions=1).mapInPandas(
@@ -306,13 +321,13 @@ def build(spark, defs: Definitions, defs_path: str, lake_path: Path, archive: st
         s_bucket = F.when(F.col("_plan") == i, b) if s_bucket is None else s_bucket.when(F.col("_plan") == i, b)
         sh = shard(typed)
         s_shard = F.when(F.col("_plan") == i, sh) if s_shard is None else s_shard.when(F.col("_plan") == i, sh)
-    stream = stream.withColumn("_bucket", s_bucket).withColumn("_shard", s_shard)
+    stream = stream.withColumn("_group", group_of(F.col("_plan"), s_bucket, s_shard)).drop("_plan")
 
     names = [[m.name for m in plans[k]] for k in plan_keys]
     busy = spark.sparkContext.accumulator(0.0)
     out = (
-        grouped.groupBy("_plan", "_bucket", "_shard")
-        .cogroup(stream.groupBy("_plan", "_bucket", "_shard"))
+        grouped.groupBy("_group")
+        .cogroup(stream.groupBy("_group"))
         .applyInPandas(_windows_fn(defs_path, names, busy), OUTPUT_SCHEMA)
     )
     rejected = checked.where("_invalid = 1").dropDuplicates(["_epoch", "_partition", "_offset"]).groupBy(REJECT_COLUMN)

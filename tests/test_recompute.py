@@ -58,12 +58,14 @@ def _rows() -> list[dict]:
         {"event_id": ""},
         {"event_id": "x" * 128},
         {"event_id": "x" * 129},
+        {"event_id": "é" * 128},
         {"event_time_ms": None},
         {"event_time_ms": 0},
         {"event_time_ms": 4_200_000_000_000},
         {"tenant": None},
         {"tenant": ""},
-        {"tenant": "é" * 64},
+        {"tenant": "é" * 64},  # 128 bytes, 64 characters: the limit counts characters
+        {"tenant": "é" * 65},
         {"tenant": "t" * 65},
         {"cpu": float("nan")},
         {"cpu": float("inf")},
@@ -90,7 +92,7 @@ def test_rejection_column_agrees_with_validate_record(session) -> None:  # noqa:
         obj = {ds.event_id: r["event_id"], ds.event_time: r["event_time_ms"], **{n: r[n] for n in ds.field_names}}
         result = validate_record(obj, ds)
         want.append(result.reason if isinstance(result, Rejection) else "")
-    assert want.count("") == 4 and len(set(want)) == 5  # valid rows and every typed-row reason are covered
+    assert want.count("") == 5 and len(set(want)) == 5  # valid rows and every typed-row reason are covered
     assert got == want
 
 
