@@ -9,9 +9,11 @@ truth is then copied into stream.results (so every window has a stream value and
 the timed run of this checkout and, up to --baseline-max events, of the code at --baseline-ref (a git worktree)
 on the same day, and whether both wrote the same rows bit for bit (an md5 of every column's text). Memory:
 psutil samples of the spark-submit process tree every 0.2 s (the JVM: driver and, on local[*], the executors;
-the Python driver; the largest Python worker). Figures: job seconds (from the job's
-own clock, start-up excluded), events/s, the marginal events/s between the two largest sizes, the time per
-event at each size (start-up subtracted), and with --stages the split by the job's prefixes.
+the Python driver; the largest Python worker), and the CPU seconds of each (the JVM, the Python driver, all
+Python workers together). Figures: job seconds (from the job's own clock, start-up excluded), events/s, the
+marginal events/s between the two largest sizes, the time per event at each size (start-up subtracted), a
+least-squares line job seconds = fixed + events x slope (the fixed in-job cost, and each size's time per event
+without it), and with --stages the split by the job's prefixes.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ from batchmark.generator import GeneratorConfig, write_lake_day  # noqa: E402
 DAY = date(2026, 11, 24)
 
 
-def _sample(pid: int, peaks: dict[str, float], stop: threading.Event) -> None:
+def _sample(pid: int, peaks: dict[str, float], cpu: dict[int, tuple[str, float]], stop: threading.Event) -> None:
+    """Every 0.2 s: peak memory per role, and each process's CPU seconds so far (the last sample of a Python
+    worker that exits between samples is what it is counted with)."""
     while not stop.is_set():
         try:
             procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
@@ -48,15 +52,21 @@ def _sample(pid: int, peaks: dict[str, float], stop: threading.Event) -> None:
         jvm = driver = worker = 0
         for p in procs:
             try:
-                rss, cmd = p.memory_info().rss, " ".join(p.cmdline())
+                rss, cmd, times = p.memory_info().rss, " ".join(p.cmdline()), p.cpu_times()
             except psutil.Error:
                 continue
             if "java" in p.name():
                 jvm += rss
+                role = "jvm"
             elif "recompute.py" in cmd:
                 driver = max(driver, rss)
+                role = "python_driver"
             elif "python" in p.name():
                 worker = max(worker, rss)
+                role = "python_workers"
+            else:
+                role = "other"
+            cpu[p.pid] = (role, times.user + times.system)
         for key, value in (("jvm_mb", jvm), ("python_driver_mb", driver), ("python_worker_mb", worker)):
             peaks[key] = max(peaks.get(key, 0), round(value / 2**20))
         stop.wait(0.2)
@@ -69,17 +79,21 @@ def run_job(
     env = {**spark.environment(settings), **env_extra}
     cmd = spark.command(settings, DAY, run_id, job=job, extra=extra)
     peaks: dict[str, float] = {}
+    cpu: dict[int, tuple[str, float]] = {}
     stop = threading.Event()
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    sampler = threading.Thread(target=_sample, args=(proc.pid, peaks, stop), daemon=True)
+    sampler = threading.Thread(target=_sample, args=(proc.pid, peaks, cpu, stop), daemon=True)
     sampler.start()
     output, _ = proc.communicate()
     wall = time.monotonic() - t0
     stop.set()
     sampler.join()
     result = spark.parse_result(DAY, proc.returncode, output)
-    return {**result, "wall_seconds": round(wall, 2), "peak_memory_mb": peaks}
+    cpu_seconds: dict[str, float] = {}
+    for role, seconds in cpu.values():
+        cpu_seconds[role] = round(cpu_seconds.get(role, 0.0) + seconds, 1)
+    return {**result, "wall_seconds": round(wall, 2), "peak_memory_mb": peaks, "cpu_seconds": cpu_seconds}
 
 
 def baseline_python(tree: Path) -> Path:
@@ -201,6 +215,29 @@ def main() -> int:
     return 0
 
 
+def linear_fit(points: list[tuple[int, float]]) -> dict | None:
+    """Least squares job seconds = fixed + slope * events: the fixed in-job cost (JIT compilation, Python
+    workers starting, per-window work) and the cost per event, with each size's time per event once the fixed
+    part is taken off (how linear the cost is)."""
+    if len(points) < 2:
+        return None
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    fixed = my - slope * mx
+    per_event = {x: round(1e6 * (y - fixed) / x, 3) for x, y in points}
+    return {
+        "fixed_seconds": round(fixed, 2),
+        "us_per_event": round(1e6 * slope, 3),
+        "events_per_s": round(1 / slope) if slope > 0 else None,
+        "us_per_event_without_fixed": per_event,
+        "spread_without_fixed": round(max(per_event.values()) / min(per_event.values()) - 1, 3)
+        if min(per_event.values()) > 0
+        else None,
+    }
+
+
 def summarize(runs: list[dict], args: argparse.Namespace) -> dict:
     table = []
     for r in runs:
@@ -220,6 +257,7 @@ def summarize(runs: list[dict], args: argparse.Namespace) -> dict:
                     "us_per_event": round(1e6 * secs / r["events"], 3),
                     "stages": x.get("stage_seconds") or {},
                     "peak_memory_mb": x["peak_memory_mb"],
+                    "cpu_seconds": x.get("cpu_seconds", {}),
                     "rows": x.get("rows"),
                 }
             )
@@ -230,6 +268,7 @@ def summarize(runs: list[dict], args: argparse.Namespace) -> dict:
         marginal = round((b["events"] - a["events"]) / (b["job_seconds"] - a["job_seconds"]))
     per_event = [t["us_per_event"] for t in new]
     spread = round(max(per_event) / min(per_event) - 1, 3) if per_event else None
+    fit = linear_fit([(t["events"], t["job_seconds"]) for t in new])
     ratios = {}  # on the whole recompute, start-up and the Postgres write included (the baseline's own clock)
     for r in runs:
         if "baseline" in r:
@@ -242,6 +281,8 @@ def summarize(runs: list[dict], args: argparse.Namespace) -> dict:
         "table": table,
         "marginal_events_per_s": marginal,
         "per_event_spread": spread,  # max/min - 1 of the time per event (start-up excluded) across sizes
+        "linear_fit": fit,  # job seconds = fixed + events * per event (least squares over the sizes)
+        "cpu_seconds": {f"{t['code']}-{t['events']}": t["cpu_seconds"] for t in table},
         "speedup_vs_baseline": ratios,  # baseline job seconds / new job seconds, same day, same run
         "runs": runs,
     }
@@ -249,15 +290,17 @@ def summarize(runs: list[dict], args: argparse.Namespace) -> dict:
 
 def print_table(report: dict) -> None:
     head = f"{'code':<9}{'events':>12}{'job s':>9}{'start s':>9}{'events/s':>12}{'us/event':>10}"
-    print(f"\n{head}  memory MB (jvm/driver/worker)  stages")
+    print(f"\n{head}  memory MB (jvm/driver/worker)  CPU s (jvm/driver/workers)  stages")
     for t in report["table"]:
-        m = t["peak_memory_mb"]
+        m, c = t["peak_memory_mb"], t["cpu_seconds"]
         print(
             f"{t['code']:<9}{t['events']:>12,}{t['job_seconds']:>9.1f}{t['startup_seconds'] or 0:>9.1f}"
             f"{t['events_per_s']:>12,}{t['us_per_event']:>10.2f}  {m.get('jvm_mb')}/{m.get('python_driver_mb')}/"
-            f"{m.get('python_worker_mb')}  {t['stages']}"
+            f"{m.get('python_worker_mb')}  {c.get('jvm')}/{c.get('python_driver')}/{c.get('python_workers')}"
+            f"  {t['stages']}"
         )
     print(f"marginal events/s (two largest days): {report['marginal_events_per_s']}")
+    print(f"job seconds = fixed + events x slope (least squares): {report['linear_fit']}")
     print(f"time per event, spread across sizes: {report['per_event_spread']}")
     print(f"speed-up against the baseline (same day, same run): {report['speedup_vs_baseline']}")
     print(f"truth and accuracy rows identical to the baseline's: {report['identical_to_baseline']}")
