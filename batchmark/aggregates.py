@@ -361,7 +361,7 @@ def window_value_counts(
     """The distinct (window, code) pairs as window * width + code, ascending, and how often each occurs: what
     np.unique(..., return_counts=True) gives, by counting in a table when the table is small (no sort)."""
     combined = window * width + codes
-    if windows * width <= max(1 << 22, 4 * len(combined)):
+    if windows * width <= max(1 << 22, 4 * len(combined)) and (not len(codes) or codes.min() >= 0):
         counts = np.bincount(combined, minlength=windows * width)
         pairs = np.flatnonzero(counts)
         return pairs, counts[pairs]
@@ -503,7 +503,8 @@ class TopK(Aggregate):
     @staticmethod
     def _exact_top(values: Sequence[Any], k: int) -> list[tuple[str, int]]:
         """The k+1 most frequent texts with their counts (count descending, then text)."""
-        if isinstance(values, np.ndarray) and values.dtype == object:  # a window's texts: count in C
+        if isinstance(values, np.ndarray) and pd.api.types.infer_dtype(values, skipna=False) == "string":
+            # a window's texts (every value a str, so equal values are equal texts): counted in C
             found = pd.Series(values, dtype=object).value_counts(sort=False, dropna=False)
             counts: Counter[str] = Counter()
             for v, n in zip(found.index.tolist(), found.tolist(), strict=True):

@@ -119,11 +119,13 @@ def _windows(pdf: pd.DataFrame, m: Metric, values: np.ndarray | None, sort_value
     if ("windows", m.window_ms) not in cache:  # each row's window [start, end) in the dataset's calendar
         cache[("windows", m.window_ms)] = cache["calendar"].windows(ts, m.window_ms)
     starts, ends = cache[("windows", m.window_ms)]
-    if m.group_by not in cache:
-        cache[m.group_by] = pd.factorize(group_keys(pdf, m.group_by))
-    codes, keys = cache[m.group_by]
+    if ("keys", m.group_by) not in cache:
+        cache[("keys", m.group_by)] = pd.factorize(group_keys(pdf, m.group_by))
+    codes, keys = cache[("keys", m.group_by)]
     # one stable sort of a single integer (window number, then key): the order lexsort((codes, starts)) gives
-    w_of, _ = cache.setdefault(("window_numbers", m.window_ms), _rank_of(starts))
+    if ("window_numbers", m.window_ms) not in cache:
+        cache[("window_numbers", m.window_ms)] = _rank_of(starts)
+    w_of, _ = cache[("window_numbers", m.window_ms)]
     combined = w_of * max(1, len(keys)) + codes
     if sort_values:  # by value inside a window: sort by value first, then stably by window
         by_value = np.argsort(values, kind="stable")
@@ -161,7 +163,7 @@ def _subsets(layout: dict, m: Metric, pdf: pd.DataFrame, cache: dict[Any, Any]) 
     """The metric's record subsets in window order (truth, first copies, landed, seen in time) with their
     counts per window and, per subset, which windows it differs from the truth in. Metrics that read every
     record and share a layout and a lateness share them."""
-    key = (id(layout), m.allowed_lateness_ms, None if m.reads_every_record else m.name)
+    key = ("subsets", id(layout), m.allowed_lateness_ms, None if m.reads_every_record else m.name)
     if key in cache:
         return cache[key]
     window, in_lake, truth, first = layout["window"], layout["in_lake"], layout["truth"], layout["first"]
@@ -227,15 +229,15 @@ def _metric_windows(pdf: pd.DataFrame, m: Metric, stream: StreamValues, cache: d
         return []
     agg = m.aggregate
     labels = None
-    if (m.value_expr, agg.input) not in cache:  # metrics over the same values compute them once
+    if ("values", m.value_expr, agg.input) not in cache:  # metrics over the same values compute them once
         raw = m.value_fn(pdf) if m.value_fn is not None else pd.Series(1.0, index=pdf.index)
         if agg.input == "field" and m.value_type == "int" and raw.dtype.kind == "f":
             # an int column with nulls arrives as floats: back to Python ints, so the texts are the stream's '3'
             raw = pd.Series(raw.astype("Int64").to_numpy(dtype=object, na_value=None), index=raw.index)
-        cache[(m.value_expr, agg.input)] = (
+        cache[("values", m.value_expr, agg.input)] = (
             text_codes(raw.to_numpy(), sort=True) if agg.input == "field" else (raw.to_numpy(), None)
         )
-    raw_values, labels = cache[(m.value_expr, agg.input)]
+    raw_values, labels = cache[("values", m.value_expr, agg.input)]
     layout = _windows(pdf, m, raw_values, agg.sorted_input, cache)
     window, starts, keys, window_ends = layout["window"], layout["starts"], layout["keys"], layout["ends"]
     values = raw_values[layout["order"]]
