@@ -312,7 +312,8 @@ def build(spark, defs: Definitions, defs_path: str, lake_path: Path, archive: st
         "metric string, group_key string, window_start_ms bigint, value double, detail string",
     )
     plan_of = F.create_map(*[x for name, i in metric_plan.items() for x in (F.lit(name), F.lit(i))])
-    stream = stream.withColumn("_plan", plan_of[F.col("metric")])
+    # rows of a metric the definitions no longer have cannot be judged (nor grouped): left out
+    stream = stream.withColumn("_plan", plan_of[F.col("metric")]).where(F.col("_plan").isNotNull())
     s_bucket = s_shard = None
     for i, keys in enumerate(plan_keys):
         parts = F.split(F.col("group_key"), r"\|", len(keys))  # the text key back to typed values

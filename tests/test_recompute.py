@@ -224,10 +224,19 @@ def test_lake_records_a_stricter_definition_refuses_are_counted_by_reason(
     write_lake_day(GeneratorConfig(day=day, events=5_000, duplicates=0.05, seed=3), settings.events_lake)
     lake = pq.read_table(settings.events_lake / f"date={day}")
     too_big = int(pc.sum(pc.greater(lake["cpu"], 8.0)).as_py())
+    start = pd.Timestamp(day, tz="UTC")
+    with storage.transaction(pg_url) as cur:  # the stream's row of a metric since removed from the definitions
+        cur.execute(
+            "INSERT INTO stream.results (metric, group_key, window_start, window_end, day, value, n_events)"
+            " VALUES ('retired_metric', 'tenant-00', %s, %s, %s, 1.0, 1)",
+            (start, start + pd.Timedelta(minutes=1), day),
+        )
     monkeypatch.setenv("BATCHMARK_DEFINITIONS", str(strict))
-    result = spark.submit(config.load(), day, "strict")
+    result = spark.submit(config.load(), day, "strict")  # the retired metric's row is left out, not a crash
     assert too_big > 100 and result["rejected"] == {"out_of_range": too_big}
     assert result["truth_events"] == len(set(lake.filter(pc.less_equal(lake["cpu"], 8.0))["event_id"].to_pylist()))
     with storage.transaction(pg_url) as cur:  # kept for the rejected_rise alert, with the day's truth
         cur.execute("SELECT source, reason, records FROM quality.rejections WHERE day = %s", (day,))
         assert cur.fetchall() == [("lake", "out_of_range", too_big)]
+        cur.execute("SELECT count(*) FROM truth.results WHERE day = %s AND metric = 'retired_metric'", (day,))
+        assert cur.fetchone()[0] == 0
