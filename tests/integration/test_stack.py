@@ -82,6 +82,15 @@ def _tree(pid: int) -> list[psutil.Process]:
         return []
 
 
+def _label(p: psutil.Process) -> str:
+    """A process's command, for messages; a process that exited meanwhile (even a zombie not yet reaped by its
+    parent, whose cmdline psutil refuses) is named by its pid."""
+    try:
+        return " ".join(p.cmdline()[1:3])[:40]
+    except psutil.Error:
+        return f"<pid {p.pid}, exited>"
+
+
 def _wait_for_line(proc: subprocess.Popen[bytes], log: Path, line: str, timeout_s: float) -> str:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -712,14 +721,14 @@ def test_demo_beside_the_running_stack_touches_none_of_its_state(stack: dict[str
 def test_sigterm_to_up_stops_every_process_it_started(stack: dict[str, Any]) -> None:
     proc: subprocess.Popen[bytes] = stack["proc"]
     tree = _tree(proc.pid)
-    names = sorted({" ".join(p.cmdline()[1:3])[:40] for p in tree[1:] if p.is_running()})
+    names = sorted({_label(p) for p in tree[1:]})
     assert len(tree) >= 7, names  # broker, worker, api-server, scheduler, dag-processor, triggerer, ...
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=90) == 0
     stop_s = time.monotonic() - t0
     gone, alive = psutil.wait_procs(tree, timeout=10)
-    assert alive == [], [(p.pid, p.cmdline()[:3]) for p in alive]
+    assert alive == [], [(p.pid, _label(p)) for p in alive]
     assert not (stack["home"] / "stack.json").exists()
     print(f"\nSIGTERM: {len(tree)} processes stopped in {stop_s:.1f}s")
 
@@ -752,7 +761,7 @@ def test_up_in_the_background_then_down(tmp_path: Path, pg_url: str) -> None:
         down = subprocess.run([BATCHMARK, "down"], env=env, capture_output=True, text=True, timeout=120)
         assert down.returncode == 0 and "stopped" in down.stdout, down.stdout + down.stderr
         gone, alive = psutil.wait_procs(tree, timeout=10)
-        assert alive == [], [(p.pid, p.cmdline()[:3]) for p in alive]
+        assert alive == [], [(p.pid, _label(p)) for p in alive]
         assert not (tmp_path / "stack.json").exists()
     finally:
         subprocess.run([BATCHMARK, "down"], env=env, capture_output=True, timeout=120)
