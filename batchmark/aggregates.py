@@ -92,6 +92,17 @@ def add_partial(partials: list[float], x: float) -> list[float]:
     return partials
 
 
+def grid_exponent(values: np.ndarray) -> int | None:
+    """The largest p such that every (finite) value is a multiple of 2^p; None when every value is zero."""
+    mantissa, exponent = np.frexp(values)
+    ints = (mantissa * 2.0**53).astype(np.int64)
+    nz = ints != 0
+    if not nz.any():
+        return None
+    low = ints[nz] & -ints[nz]  # lowest set bit of each mantissa
+    return int((exponent[nz] - 53 + np.log2(low).astype(np.int64)).min())
+
+
 def exact_sums(values: np.ndarray, bounds: np.ndarray) -> list[float]:
     """math.fsum of each window values[bounds[i]:bounds[i+1]], bit for bit, vectorized where that is exact.
 
@@ -101,16 +112,9 @@ def exact_sums(values: np.ndarray, bounds: np.ndarray) -> list[float]:
     """
     values = np.asarray(values, dtype=np.float64)
     if len(values) and np.isfinite(values).all():
-        mantissa, exponent = np.frexp(values)
-        ints = (mantissa * 2.0**53).astype(np.int64)
-        nz = ints != 0
-        if nz.any():
-            low = ints[nz] & -ints[nz]  # lowest set bit of each mantissa
-            lowest = int((exponent[nz] - 53 + np.log2(low).astype(np.int64)).min())
-            total = float(np.abs(values).sum()) * (1 + len(values) * 2.0**-52)  # >= the exact total
-            if total < math.ldexp(1.0, 53 + lowest):
-                return np.add.reduceat(values, bounds[:-1]).tolist() if len(bounds) > 1 else []
-        else:
+        lowest = grid_exponent(values)
+        total = float(np.abs(values).sum()) * (1 + len(values) * 2.0**-52)  # >= the exact total
+        if lowest is None or total < math.ldexp(1.0, 53 + lowest):
             return np.add.reduceat(values, bounds[:-1]).tolist() if len(bounds) > 1 else []
     flat = values.tolist()
     return [math.fsum(flat[a:b]) for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)]
@@ -506,9 +510,7 @@ class TopK(Aggregate):
         if isinstance(values, np.ndarray) and pd.api.types.infer_dtype(values, skipna=False) == "string":
             # a window's texts (every value a str, so equal values are equal texts): counted in C
             found = pd.Series(values, dtype=object).value_counts(sort=False, dropna=False)
-            counts: Counter[str] = Counter()
-            for v, n in zip(found.index.tolist(), found.tolist(), strict=True):
-                counts[str(v)] += n  # values with the same text count together, as below
+            counts = dict(zip(found.index.tolist(), found.tolist(), strict=True))
         else:
             counts = Counter(str(v) for v in values)
         return sorted(counts.items(), key=lambda t: (-t[1], t[0]))[: k + 1]
@@ -651,14 +653,8 @@ def _exact_grid(values: np.ndarray, capacity: float) -> bool:
     both = np.append(values, capacity)
     if not np.isfinite(both).all():
         return False
-    mantissa, exponent = np.frexp(both)
-    ints = (mantissa * 2.0**53).astype(np.int64)
-    nz = ints != 0
-    if not nz.any():
-        return True
-    low = ints[nz] & -ints[nz]  # lowest set bit of each mantissa
-    lowest = int((exponent[nz] - 53 + np.log2(low).astype(np.int64)).min())
-    return capacity < math.ldexp(1.0, 53 + lowest)
+    lowest = grid_exponent(both)
+    return lowest is None or capacity < math.ldexp(1.0, 53 + lowest)
 
 
 def first_fit_decreasing(items: Sequence[float] | np.ndarray, capacity: float) -> int:

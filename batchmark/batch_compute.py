@@ -125,7 +125,7 @@ def _windows(pdf: pd.DataFrame, m: Metric, values: np.ndarray | None, sort_value
     # one stable sort of a single integer (window number, then key): the order lexsort((codes, starts)) gives
     if ("window_numbers", m.window_ms) not in cache:
         cache[("window_numbers", m.window_ms)] = _rank_of(starts)
-    w_of, _ = cache[("window_numbers", m.window_ms)]
+    w_of = cache[("window_numbers", m.window_ms)]
     combined = w_of * max(1, len(keys)) + codes
     if sort_values:  # by value inside a window: sort by value first, then stably by window
         by_value = np.argsort(values, kind="stable")
@@ -153,10 +153,10 @@ def _windows(pdf: pd.DataFrame, m: Metric, values: np.ndarray | None, sort_value
     return layout
 
 
-def _rank_of(starts: np.ndarray) -> tuple[np.ndarray, int]:
-    """Each row's window number in start order (0, 1, ...), and how many windows."""
-    codes, uniques = pd.factorize(starts, sort=True)  # hashing, then a sort of the few distinct starts
-    return codes.astype(np.int64), len(uniques)
+def _rank_of(starts: np.ndarray) -> np.ndarray:
+    """Each row's window number in start order (0, 1, ...)."""
+    codes, _ = pd.factorize(starts, sort=True)  # hashing, then a sort of the few distinct starts
+    return codes.astype(np.int64)
 
 
 def _subsets(layout: dict, m: Metric, pdf: pd.DataFrame, cache: dict[Any, Any]) -> dict:
