@@ -8,11 +8,14 @@ A clean event has ``event_id`` (str), ``event_time_ms`` (int) and the dataset's 
 from __future__ import annotations
 
 import json
+import keyword
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import orjson
 
 from batchmark.definitions import Dataset, FieldSpec
@@ -72,20 +75,28 @@ def _reject_constant(name: str) -> None:
     raise _NotFinite(name)
 
 
+_fromisoformat = datetime.fromisoformat
+
+
 def parse_event_time(value: Any) -> int | None:
     """ISO-8601 string with a zone, or epoch milliseconds (int) -> epoch milliseconds; None if neither."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and 10 <= len(value) <= 40:
+    t = type(value)
+    if t is str:  # the usual case first: every check below costs the stream worker per event
+        if not 10 <= len(value) <= 40:
+            return None
         try:
-            dt = datetime.fromisoformat(value)
+            dt = _fromisoformat(value)
         except ValueError:
             return None
         if dt.tzinfo is None:
             return None
         return int(dt.timestamp() * 1000)
+    if t is int:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):  # a subclass of str
+        return parse_event_time(str(value))
     return None
 
 
@@ -162,3 +173,59 @@ def validate(raw: bytes, ds: Dataset) -> dict[str, Any] | Rejection:
     if isinstance(obj, Rejection):
         return obj
     return validate_record(obj, ds)
+
+
+def validator(ds: Dataset) -> Callable[[bytes], dict[str, Any] | Rejection]:
+    """``validate`` for one dataset, faster: a typed msgspec decoder checks the common record in C.
+
+    The decoder is at least as strict as ``validate_record``: the same fields, types, lengths and ranges;
+    unknown fields and numbers beyond a float's range refused. A record it refuses, or whose time is out of
+    range or not a time, goes through ``validate``, which has the last word and gives the reason. So the
+    result is always ``validate``'s (tests compare the two on valid, edge and broken records)."""
+    names = [f.name for f in ds.fields]
+    if any(not n.isidentifier() or keyword.iskeyword(n) for n in names) or {"event_id", "event_time_ms"} & set(names):
+        return lambda raw: validate(raw, ds)  # field names a Struct cannot carry: the plain path
+    spec: list[tuple[Any, ...]] = [
+        ("event_id", Annotated[str, msgspec.Meta(min_length=1, max_length=128)]),
+        ("event_time_ms", int | str),
+    ]
+    for f in ds.fields:
+        if f.type == "string":
+            t: Any = Annotated[str, msgspec.Meta(min_length=1, max_length=f.max_length)]
+        elif f.type == "float":
+            bounds = {k: float(v) for k, v in (("ge", f.min), ("le", f.max)) if v is not None}
+            t = Annotated[float, msgspec.Meta(**bounds)] if bounds else float  # msgspec refuses +-inf itself
+        else:
+            bounds = {
+                k: int(math.ceil(v) if k == "ge" else math.floor(v))
+                for k, v in (("ge", f.min), ("le", f.max))
+                if v is not None and math.isfinite(v)
+            }
+            t = Annotated[int, msgspec.Meta(**bounds)] if bounds else int
+        spec.append((f.name, t | None, None) if f.nullable else (f.name, t))
+    struct = msgspec.defstruct(
+        f"{ds.name}_record",
+        spec,
+        rename={"event_id": ds.event_id, "event_time_ms": ds.event_time},
+        forbid_unknown_fields=True,
+        kw_only=True,
+    )
+    decode_struct = msgspec.json.Decoder(struct).decode
+    asdict = msgspec.structs.asdict
+    lo, hi = ds.min_event_time_ms, ds.max_event_time_ms
+
+    def check(raw: bytes) -> dict[str, Any] | Rejection:
+        if len(raw) > MAX_RECORD_BYTES:
+            return validate(raw, ds)
+        try:
+            event = asdict(decode_struct(raw))
+        except Exception:  # noqa: BLE001 (refused or not decodable: validate says why)
+            return validate(raw, ds)
+        ts = event["event_time_ms"]
+        if type(ts) is not int:
+            ts = event["event_time_ms"] = parse_event_time(ts)  # ISO-8601 text, as validate_record parses it
+        if ts is None or not lo <= ts < hi:
+            return validate(raw, ds)
+        return event
+
+    return check

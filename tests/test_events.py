@@ -101,3 +101,75 @@ def test_fast_path_agrees_with_the_full_field_check_on_every_kind_of_value() -> 
         assert got == want and type(got) is type(want), (values, got, want)
         if isinstance(got, dict):
             assert [type(got[s.name]) for s in specs] == [str, float, float, int]
+
+
+def test_validator_answers_as_validate_does_and_decodes_the_common_record_itself(monkeypatch) -> None:  # noqa: ANN001
+    """The typed decoder behind the stream worker must give validate's exact answer (value, type, reason) on
+    valid, edge and broken records, of the default dataset and of one with int, nullable and unbounded fields;
+    and a plain valid record must not need validate at all (else the decoder is only a detour)."""
+    import dataclasses
+    import random
+
+    from batchmark import events
+    from batchmark.definitions import FieldSpec
+
+    custom = dataclasses.replace(
+        DS,
+        event_id="id",
+        event_time="ts",
+        fields=(
+            FieldSpec("k", "string", max_length=3),
+            FieldSpec("n", "int", min=0.5, max=10),
+            FieldSpec("big", "int"),
+            FieldSpec("u", "float"),
+            FieldSpec("opt", "float", min=0, max=1, nullable=True),
+        ),
+    )
+    import json
+
+    valid = {"k": ["a", "é" * 3], "n": [1, 10, 7], "big": [0, -1, 2**63, 2**70], "u": [0.0, -0.0, 1e308, 3],
+             "opt": [None, 0, 0.5, 1.0]}  # fmt: skip
+    broken = [None, True, 11, -1, 0.5, 7.0, 1e400, float("nan"), "", "é" * 4, [], {}, "3"]
+    rng = random.Random(11)
+    corpus = [orjson.dumps(GOOD), orjson.dumps({**GOOD, "event_time": 1795514400250})]
+    corpus += [raw for raw, _ in test_bad_records_are_rejected_with_their_reason.pytestmark[0].args[1]]
+    corpus += [
+        orjson.dumps({**GOOD, "event_time": t})
+        for t in ("2026-11-24T10:00:00+02:00", "2026-11-24T10:00:00", "2026-11-24", "1999-12-31T23:59:59Z", 1.5e12)
+    ]
+    corpus += [b'{"event_id":"a",' + orjson.dumps(GOOD)[1:]]  # a key twice: the last one counts
+    corpus += [b"", b"null", b"\xff", b" " + orjson.dumps(GOOD) + b" ", orjson.dumps(GOOD) + b"x", b'"\\ud800"']
+    custom_corpus = []
+    for _ in range(4000):
+        record = {"id": rng.choice(["e", "e", "", "x" * 129, 7])}
+        record["ts"] = rng.choice([1795514400250, "2026-11-24T10:00Z", "2026-11-24T10:00:00.250+01:00", 1.5, True])
+        for name, good in valid.items():
+            roll = rng.random()
+            if roll < 0.9:
+                record[name] = rng.choice(good)
+            elif roll < 0.97:
+                record[name] = rng.choice(broken)  # json writes inf and nan as Infinity and NaN: not JSON
+        custom_corpus.append(json.dumps(record, ensure_ascii=rng.random() < 0.5).encode())
+    valid_custom = json.dumps({"id": "e", "ts": 1795514400250, "k": "a", "n": 1, "big": 0, "u": 0.5}).encode()
+    custom_corpus += [valid_custom.replace(b"0.5", x) for x in (b"1e400", b"-1e309", b"1e308", b"5e-324", b"1E2")]
+
+    for ds, records in ((DS, corpus), (custom, custom_corpus)):
+        fast = events.validator(ds)
+        for raw in records:
+            want = validate(raw, ds)
+            got = fast(raw)
+            assert got == want and type(got) is type(want), (raw, got, want)
+            if isinstance(got, dict):
+                assert list(got) == list(want), raw
+                assert [type(v) for v in got.values()] == [type(v) for v in want.values()], raw
+    accepted = sum(isinstance(validate(raw, custom), dict) for raw in custom_corpus)
+    assert 300 < accepted < 3700  # the corpus reaches both sides
+
+    calls = []
+    real = events.validate
+    monkeypatch.setattr(events, "validate", lambda raw, ds: calls.append(raw) or real(raw, ds))
+    fast = events.validator(DS)
+    assert fast(orjson.dumps(GOOD)) == real(orjson.dumps(GOOD), DS)
+    assert fast(orjson.dumps({**GOOD, "event_time": 1795514400250}))["event_time_ms"] == 1795514400250
+    assert calls == []
+    assert isinstance(fast(orjson.dumps({**GOOD, "cpu": True})), Rejection) and len(calls) == 1
