@@ -92,6 +92,21 @@ def add_partial(partials: list[float], x: float) -> list[float]:
     return partials
 
 
+def add_partials(partials: list[float], values: Sequence[float]) -> list[float]:
+    """Add every value to the partial sums exactly: one add when math.fsum of the values is itself exact (the
+    sum of the values minus it is 0), which leaves the exact total, and so fsum of the partials, unchanged."""
+    try:
+        total = math.fsum(values)
+        exact = math.isfinite(total) and math.fsum([*values, -total]) == 0.0
+    except (OverflowError, ValueError):
+        exact = False
+    if exact:
+        return add_partial(partials, total)
+    for x in values:
+        add_partial(partials, x)
+    return partials
+
+
 def grid_exponent(values: np.ndarray) -> int | None:
     """The largest p such that every (finite) value is a multiple of 2^p; None when every value is zero."""
     mantissa, exponent = np.frexp(values)
@@ -194,6 +209,19 @@ class Aggregate:
         """A function that folds a value into a state in place, with add's effect (the stream's fast path)."""
         return None
 
+    def add_many(self, state: Any, values: Sequence[Any]) -> Any:
+        """Fold values in order, with the effect of ``add`` on each (the stream folds a window's share of a
+        fetched batch at once). Kinds override it where one call can do the work; tests hold it to ``add``."""
+        update = self.in_place_update()
+        if update is not None:
+            for v in values:
+                update(state, v)
+            return state
+        add = self.add
+        for v in values:
+            state = add(state, v)
+        return state
+
     def shared_state_key(self) -> tuple[Any, ...] | None:
         """Metrics of this kind over the same values may share one state when these keys are equal."""
         return None
@@ -208,6 +236,9 @@ class Count(Aggregate):
 
     def add(self, state: int, value: Any) -> int:
         return state + 1
+
+    def add_many(self, state: int, values: Sequence[Any]) -> int:
+        return state + len(values)
 
     def result(self, state: int) -> tuple[float, Detail]:
         return float(state), None
@@ -229,6 +260,9 @@ class Sum(Aggregate):
 
     def add(self, state: list[float], value: float) -> list[float]:
         return add_partial(state, value)
+
+    def add_many(self, state: list[float], values: Sequence[float]) -> list[float]:
+        return add_partials(state, values)
 
     def result(self, state: list[float]) -> tuple[float, Detail]:
         return math.fsum(state), None
@@ -257,6 +291,11 @@ class Mean(Aggregate):
         add_partial(state[1], value)
         return state
 
+    def add_many(self, state: list[Any], values: Sequence[float]) -> list[Any]:
+        state[0] += len(values)
+        add_partials(state[1], values)
+        return state
+
     def result(self, state: list[Any]) -> tuple[float, Detail]:
         return (math.fsum(state[1]) / state[0] if state[0] else math.nan), None
 
@@ -282,6 +321,12 @@ class Min(Aggregate):
     def add(self, state: float, value: float) -> float:
         return value if value < state else state
 
+    def add_many(self, state: float, values: Sequence[float]) -> float:
+        low = min(values)  # the same fold as add's, unless the first value is a NaN, which add skips
+        if low != low:
+            return super().add_many(state, values)
+        return low if low < state else state
+
     def result(self, state: float) -> tuple[float, Detail]:
         return state, None
 
@@ -303,6 +348,12 @@ class Max(Aggregate):
 
     def add(self, state: float, value: float) -> float:
         return value if value > state else state
+
+    def add_many(self, state: float, values: Sequence[float]) -> float:
+        high = max(values)
+        if high != high:
+            return super().add_many(state, values)
+        return high if high > state else state
 
     def result(self, state: float) -> tuple[float, Detail]:
         return state, None
@@ -334,6 +385,12 @@ class DistinctCount(Aggregate):
 
     def add(self, state: Any, value: Any) -> Any:
         state.update(str(value))
+        return state
+
+    def add_many(self, state: Any, values: Sequence[Any]) -> Any:
+        update = state.update
+        for v in values:
+            update(v if type(v) is str else str(v))
         return state
 
     def result(self, state: Any) -> tuple[float, Detail]:
@@ -434,6 +491,12 @@ class Quantile(Aggregate):
     def in_place_update(self) -> Callable[[Any, Any], None] | None:
         return ds.kll_doubles_sketch.update
 
+    def add_many(self, state: Any, values: Sequence[float]) -> Any:
+        if len(values) < 16:
+            return super().add_many(state, values)
+        state.update(np.asarray(values, dtype=np.float64))  # the sketch's own loop over the array, in C++
+        return state
+
     def shared_state_key(self) -> tuple[Any, ...] | None:
         return ("kll", self.k)  # one sketch answers every quantile: only q differs between such metrics
 
@@ -497,6 +560,12 @@ class TopK(Aggregate):
 
     def add(self, state: Any, value: Any) -> Any:
         state.update(str(value), 1)
+        return state
+
+    def add_many(self, state: Any, values: Sequence[Any]) -> Any:
+        update = state.update
+        for v in values:
+            update(v if type(v) is str else str(v), 1)
         return state
 
     def result(self, state: Any) -> tuple[float, Detail]:
@@ -611,38 +680,43 @@ class FirstFitBins:
 
     def place(self, x: float) -> None:
         """Put x into the first bin with room (an item larger than a bin fills bins of its own first)."""
+        self.place_many((x,))
+
+    def place_many(self, items: Sequence[float]) -> None:
+        """``place`` each item in order (one call per fetched batch's share of a window in the stream)."""
         capacity = self.capacity
-        if x > capacity:
-            full, x = divmod(x, capacity)
-            for _ in range(int(full)):
-                self._open(0.0)
-            if x == 0:
-                return
-        tree = self.tree
-        if tree[1] < x:
-            self._open(capacity - x)
-            return
-        i, size = 1, self.size
-        while i < size:  # go down to the leftmost leaf with room >= x
-            i <<= 1
-            if tree[i] < x:
-                i += 1
-        tree[i] -= x
-        i >>= 1
-        while i:  # rooms only shrink here: stop where a maximum no longer changes
-            left, right = tree[2 * i], tree[2 * i + 1]
-            top = left if left > right else right
-            if tree[i] == top:
-                break
-            tree[i] = top
+        for item in items:
+            x = item
+            if x > capacity:
+                full, x = divmod(x, capacity)
+                for _ in range(int(full)):
+                    self._open(0.0)
+                if x == 0:
+                    continue
+            tree = self.tree
+            if tree[1] < x:
+                self._open(capacity - x)
+                continue
+            i, size = 1, self.size
+            while i < size:  # go down to the leftmost leaf with room >= x
+                i <<= 1
+                if tree[i] < x:
+                    i += 1
+            tree[i] -= x
             i >>= 1
+            while i:  # rooms only shrink here: stop where a maximum no longer changes
+                left, right = tree[2 * i], tree[2 * i + 1]
+                top = left if left > right else right
+                if tree[i] == top:
+                    break
+                tree[i] = top
+                i >>= 1
 
 
 def first_fit(items: Sequence[float], capacity: float) -> int:
     """Bins First Fit uses for items in this order (an item larger than a bin gets bins of its own)."""
     bins = FirstFitBins(capacity)
-    for x in items:
-        bins.place(x)
+    bins.place_many(items)
     return len(bins)
 
 
@@ -768,6 +842,10 @@ class BinPacking(Aggregate):
 
     def in_place_update(self) -> Callable[[Any, Any], None] | None:
         return FirstFitBins.place
+
+    def add_many(self, state: FirstFitBins, values: Sequence[float]) -> FirstFitBins:
+        state.place_many(values)
+        return state
 
     def result(self, state: FirstFitBins) -> tuple[float, Detail]:
         return float(len(state)), None

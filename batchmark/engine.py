@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from itertools import accumulate
+from operator import itemgetter
 from typing import Any
 
 from batchmark.aggregates import Aggregate, aggregate_for
@@ -54,6 +56,8 @@ class PartitionState:
         self.metrics = [_MetricState(m, aggregate_for(m.kind, m.params)) for m in defs.metrics]
         self.late_events = 0
         self.calendar = defs.dataset.calendar  # day-aligned windows in the dataset's time zone
+        # fields whose value is always a str: a group key of one of them needs no str() (add_batch)
+        self._texts = frozenset(f.name for f in defs.dataset.fields if f.type == "string" and not f.nullable)
         # Metrics with the same window, lateness and grouping share one window start, closed test, group key
         # and window lookup per event: (size, lateness, group_by, members, rows). rows maps a window key to
         # the members' slots (the same lists as in each metric's own ``windows``). A member is (metric state,
@@ -75,7 +79,7 @@ class PartitionState:
                 leader = owners.setdefault((grouping, m.value_expr, m.where, share), len(members))
                 leader = -1 if leader == len(members) else leader
             present = None if m.reads_every_record else m.present  # None: every record counts (the fast path)
-            members.append((ms, m.value_fn, agg.add, agg.in_place_update(), agg.new, leader, present))
+            members.append((ms, m.value_fn, agg.add, agg.in_place_update(), agg.new, leader, present, agg.add_many))
         self._plan: list[tuple[int, int, tuple[str, ...], list[tuple[Any, ...]], dict[tuple[int, str], list]]] = [
             (size, late, keys, members, rows_of[(size, late, keys)]) for (size, late, keys), members in plan.items()
         ]
@@ -98,7 +102,7 @@ class PartitionState:
             if wm - lateness >= end:  # the window is closed: the event is late for these metrics
                 if count_late:
                     for ms, *rest in members:
-                        if rest[-1] is None or rest[-1](event):
+                        if rest[5] is None or rest[5](event):
                             ms.late[start] += 1
                             self.late_events += 1
                 continue
@@ -106,10 +110,10 @@ class PartitionState:
             row = rows.get(key)
             if row is None:
                 row = rows[key] = []
-                for ms, _, _, _, agg_new, leader, _ in members:
+                for ms, _, _, _, agg_new, leader, _, _ in members:
                     slot = ms.windows[key] = [agg_new() if leader < 0 else row[leader][0], 0, offset]
                     row.append(slot)
-            for (_, value_fn, agg_add, update, _, leader, present), slot in zip(members, row, strict=True):
+            for (_, value_fn, agg_add, update, _, leader, present, _), slot in zip(members, row, strict=True):
                 if present is not None and not present(event):
                     continue
                 if leader < 0:
@@ -121,6 +125,95 @@ class PartitionState:
                 slot[1] += 1
         if ts > wm:
             self.watermark_ms = ts
+
+    def add_batch(self, events: list[dict[str, Any]], offsets: list[int], count_late: bool = True) -> list[int]:
+        """Fold clean events in order with the effect of ``add`` on each in turn; returns the watermark before each
+        event (what the lake stores with it). The stream worker's path: per window group it sorts the batch's
+        events into their windows once, then hands each window's values to its metrics at once (``add_many``).
+        Tests hold it to ``add``."""
+        n = len(events)
+        if not n:
+            return []
+        times = [e["event_time_ms"] for e in events]
+        marks = list(accumulate(times, max, initial=self.watermark_ms))  # marks[i]: the watermark before event i
+        highest = marks[n - 1]  # the largest watermark any event of the batch meets
+        utc = self.calendar.is_utc
+        key_texts: dict[tuple[str, ...], list[str]] = {}  # group keys of every event, per grouping
+        columns: dict[str, Any] = {}  # a value expression's value for every event of the batch
+        for size, lateness, keys, members, rows in self._plan:
+            if utc:
+                starts = [t - t % size for t in times]
+                closing = highest - lateness >= min(starts) + size  # some event may meet a closed window
+            else:
+                bounds = [self.calendar.window(t, size) for t in times]
+                starts = [b[0] for b in bounds]
+                closing = highest - lateness >= min(b[1] for b in bounds)
+            texts = key_texts.get(keys)
+            if texts is None:
+                if len(keys) == 1:
+                    k0 = keys[0]
+                    texts = [e[k0] for e in events] if k0 in self._texts else [str(e[k0]) for e in events]
+                else:
+                    texts = ["|".join(str(e[k]) for k in keys) for e in events]
+                key_texts[keys] = texts
+            groups: dict[tuple[int, str], list[int]] = {}
+            if not closing:
+                for i, key in enumerate(zip(starts, texts, strict=True)):
+                    g = groups.get(key)
+                    if g is None:
+                        groups[key] = [i]
+                    else:
+                        g.append(i)
+            else:
+                for i, key in enumerate(zip(starts, texts, strict=True)):
+                    end = key[0] + size if utc else bounds[i][1]
+                    if marks[i] - lateness >= end:  # the window is closed: late for these metrics
+                        if count_late:
+                            event = events[i]
+                            for m in members:
+                                if m[6] is None or m[6](event):
+                                    m[0].late[key[0]] += 1
+                                    self.late_events += 1
+                        continue
+                    g = groups.get(key)
+                    if g is None:
+                        groups[key] = [i]
+                    else:
+                        g.append(i)
+            whole = len(groups) == 1 and len(next(iter(groups.values()))) == n  # the batch is one window
+            for key, idx in groups.items():
+                row = rows.get(key)
+                if row is None:
+                    row = rows[key] = []
+                    first = offsets[idx[0]]
+                    for ms, _, _, _, agg_new, leader, _, _ in members:
+                        slot = ms.windows[key] = [agg_new() if leader < 0 else row[leader][0], 0, first]
+                        row.append(slot)
+                for (ms, value_fn, _, _, _, leader, present, add_many), slot in zip(members, row, strict=True):
+                    sel = idx if present is None else [i for i in idx if present(events[i])]
+                    if not sel:
+                        continue
+                    if leader < 0:
+                        if value_fn is None:
+                            values: Any = [1.0] * len(sel)
+                        elif present is not None:  # only where the metric has a value (its fields are set)
+                            values = [value_fn(events[i]) for i in sel]
+                        else:
+                            expr = ms.metric.value_expr
+                            column = columns.get(expr)
+                            if column is None:
+                                column = columns[expr] = list(map(value_fn, events))
+                            if whole:
+                                values = column
+                            elif len(sel) > 1:
+                                values = itemgetter(*sel)(column)
+                            else:
+                                values = (column[sel[0]],)
+                        slot[0] = add_many(slot[0], values)
+                    slot[1] += len(sel)
+        if marks[n] > self.watermark_ms:
+            self.watermark_ms = marks[n]
+        return marks[:n]
 
     def has_closed_windows(self) -> bool:
         """Whether some open window is closed under the current watermark (its result can be written)."""
