@@ -17,9 +17,7 @@ lateness: the stream has then landed and closed all of it.
 from __future__ import annotations
 
 import json
-import operator
 import os
-from collections import defaultdict
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -55,8 +53,8 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 class LakeWriter:
     """Buffers clean events of one topic partition and lands them as Parquet files on flush.
 
-    A buffered event is one tuple of its column values (taken with one itemgetter call); a flush turns the
-    rows into columns with zip, so the per-event cost stays a tuple and an append.
+    The buffer is columnar, per day: a fetched batch's events extend each column with one list comprehension
+    (a flush hands each column to Arrow as it is), so no per-event row is built.
     """
 
     def __init__(self, root: Path, ds: Dataset, partition: int, epoch: str) -> None:
@@ -65,45 +63,68 @@ class LakeWriter:
         self.partition = partition
         self.epoch = epoch
         self.schema = arrow_schema(ds)
-        self._values = operator.itemgetter(*self.schema.names[:-4])  # the event's own columns
-        self._rows: dict[date, list[tuple[Any, ...]]] = defaultdict(list)
-        self._day: tuple[int, int, list[tuple[Any, ...]]] | None = None  # [start, end) ms of the last day added
+        self._names = self.schema.names[:-4]  # the event's own columns
+        # day -> the event columns, then _offset and _watermark_ms
+        self._columns: dict[date, list[list[Any]]] = {}
+        self._day: tuple[int, int, list[list[Any]]] | None = None  # [start, end) ms of the last day added
 
-    def add(self, event: dict[str, Any], offset: int, watermark_ms: int) -> None:
-        """Buffer a clean event with where it came from and the partition's watermark when it arrived."""
-        ts = event["event_time_ms"]
+    def _day_columns(self, ts: int) -> tuple[int, int, list[list[Any]]]:
         cur = self._day
         if cur is None or not cur[0] <= ts < cur[1]:
             cal = self.ds.calendar
             day = cal.day_of(ts)
             start, end = cal.day_bounds_ms(day)
-            cur = self._day = (start, end, self._rows[day])
-        cur[2].append((*self._values(event), offset, watermark_ms))
+            columns = self._columns.setdefault(day, [[] for _ in range(len(self._names) + 2)])
+            cur = self._day = (start, end, columns)
+        return cur
+
+    def add(self, event: dict[str, Any], offset: int, watermark_ms: int) -> None:
+        """Buffer a clean event with where it came from and the partition's watermark when it arrived."""
+        self.add_many([event], [offset], [watermark_ms])
+
+    def add_many(self, events: list[dict[str, Any]], offsets: list[int], watermarks: list[int]) -> None:
+        """``add`` each event in order (the stream worker lands a fetched batch's run of events at once)."""
+        if not events:
+            return
+        times = [e["event_time_ms"] for e in events]
+        start, end, columns = self._day_columns(times[0])
+        if start <= min(times) and max(times) < end:  # all on one day: the common case
+            for name, column in zip(self._names, columns, strict=False):
+                column.extend([e[name] for e in events])
+            columns[-2].extend(offsets)
+            columns[-1].extend(watermarks)
+            return
+        for event, ts, offset, mark in zip(events, times, offsets, watermarks, strict=True):
+            columns = self._day_columns(ts)[2]
+            for name, column in zip(self._names, columns, strict=False):
+                column.append(event[name])
+            columns[-2].append(offset)
+            columns[-1].append(mark)
 
     def flush(self) -> list[Path]:
         """Write every buffered day to its own file; returns the files written."""
         written = []
-        for day, rows in self._rows.items():
-            n = len(rows)
-            columns = list(zip(*rows, strict=True))
+        for day, columns in self._columns.items():
+            offsets = columns[-2]
+            n = len(offsets)
             arrays = [pa.array(col, type=self.schema.field(i).type) for i, col in enumerate(columns[:-2])]
             arrays += [
                 pa.array([self.epoch] * n, pa.string()),
                 pa.array([self.partition] * n, pa.int32()),
-                pa.array(columns[-2], pa.int64()),
+                pa.array(offsets, pa.int64()),
                 pa.array(columns[-1], pa.int64()),
             ]
             table = pa.Table.from_arrays(arrays, schema=self.schema)
             target_dir = day_dir(self.root, day)
             target_dir.mkdir(parents=True, exist_ok=True)
-            first, last = rows[0][-2], rows[-1][-2]
+            first, last = offsets[0], offsets[-1]
             path = target_dir / f"part-{self.epoch}-p{self.partition}-{first:012d}-{last:012d}.parquet"
             tmp = path.with_name(f".{path.name}.tmp")
             # dictionary pages only for the constant columns: on ids they cost the flush twice its time
             pq.write_table(table, tmp, compression="snappy", use_dictionary=["_epoch", "_partition"])
             os.replace(tmp, path)
             written.append(path)
-        self._rows.clear()  # only after every file is in place: a failed flush is retried whole
+        self._columns.clear()  # only after every file is in place: a failed flush is retried whole
         self._day = None
         return written
 

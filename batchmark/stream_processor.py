@@ -16,8 +16,9 @@ import hashlib
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import psycopg2
@@ -26,7 +27,7 @@ from batchmark import storage
 from batchmark.config import Settings
 from batchmark.definitions import Definitions
 from batchmark.engine import PartitionState, WindowResult
-from batchmark.events import Rejection, validate
+from batchmark.events import Rejection, validator
 from batchmark.lake import LakeWriter, write_watermark
 from batchmark.replay import WATERMARK_KEY
 from batchmark.windows import ms_to_datetime
@@ -48,6 +49,15 @@ class Seek:
 
     partition: int
     offset: int
+
+
+class Record(NamedTuple):
+    """One record of the events topic: what the processor reads of aiokafka's ConsumerRecord."""
+
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp: int | None = None
 
 
 @dataclass
@@ -111,6 +121,7 @@ class StreamProcessor:
         self.checkpoint_interval_s = checkpoint_interval_s
         self.partitions: dict[int, _Partition] = {}
         self.counters = Counters()
+        self.validate = validator(defs.dataset)
         self._last_checkpoint = time.monotonic()
         self._last_live = 0.0
 
@@ -177,9 +188,15 @@ class StreamProcessor:
 
     # -- processing -------------------------------------------------------------------------------------
     def process(
-        self, partition: int, offset: int, key: bytes | None, raw: bytes, timestamp_ms: int | None = None
+        self, partition: int, offset: int, key: bytes | None, raw: bytes | None, timestamp_ms: int | None = None
     ) -> DeadLetter | Seek | None:
-        """Handle one record; returns the dead letter to send when it is malformed, or a Seek.
+        """Handle one record (``process_batch`` of one); returns its dead letter or Seek, if any."""
+        out = self.process_batch(partition, [Record(offset, key, raw, timestamp_ms)])
+        return out[0] if out else None
+
+    def process_batch(self, partition: int, records: Sequence[Any]) -> list[DeadLetter | Seek]:
+        """Handle a partition's fetched records in order (anything with offset, key, value and timestamp, e.g.
+        aiokafka's ConsumerRecord); returns the dead letters to send for malformed ones, and Seeks.
 
         A dead letter is also counted per day (of the record's timestamp: the replayer stamps the event time)
         and reason; the counts are committed with the checkpoint, so each is counted once (stream.rejections).
@@ -188,61 +205,105 @@ class StreamProcessor:
         re-delivery) is skipped; one ahead of its turn (records fetched before a rebalance, delivered after
         the consumer went back to the checkpoint) is not processed: the consumer is asked to go back to the
         expected offset. A record of a partition this worker does not own is skipped: its owner reads it.
+        Clean events are folded in runs (``PartitionState.add_batch``); a watermark punctuation folds the run
+        before it first, so every event meets the watermark it would meet one record at a time.
         """
+        c = self.counters
         rt = self.partitions.get(partition)
         if rt is None:
-            self.counters.skipped += 1
-            return None
-        if rt.position is not None and offset != rt.position:
-            if offset < rt.position:
-                self.counters.skipped += 1
-                return None
-            now = time.monotonic()
-            if rt.seeking_since is None:
-                rt.seeking_since = now
-                return Seek(partition, rt.position)
-            if now - rt.seeking_since < SEEK_GRACE_S:
-                self.counters.skipped += 1
-                return None
-            log.warning(
-                "partition %d: offset %d never came back after a seek; continuing at %d (a gap in the log)",
-                partition,
-                rt.position,
-                offset,
-            )
-        rt.position = offset + 1
+            c.skipped += len(records)
+            return []
+        out: list[DeadLetter | Seek] = []
+        first = records[0].offset if records else None
+        if first is not None and rt.position == first and records[-1].offset - first == len(records) - 1:
+            admitted = records  # the usual batch: the next offsets in a row (a fetch's offsets only increase)
+        else:
+            admitted = []
+            for r in records:
+                offset = r.offset
+                if rt.position is not None and offset != rt.position:
+                    if offset < rt.position:
+                        c.skipped += 1
+                        continue
+                    now = time.monotonic()
+                    if rt.seeking_since is None:
+                        rt.seeking_since = now
+                        out.append(Seek(partition, rt.position))
+                        continue
+                    if now - rt.seeking_since < SEEK_GRACE_S:
+                        c.skipped += 1
+                        continue
+                    log.warning(
+                        "partition %d: offset %d never came back after a seek; continuing at %d (a gap in the log)",
+                        partition,
+                        rt.position,
+                        offset,
+                    )
+                rt.position = offset + 1
+                rt.seeking_since = None
+                admitted.append(r)
+        if not admitted:
+            return out
+        last = admitted[-1].offset
+        rt.position = last + 1
         rt.seeking_since = None
-        c = self.counters
-        c.processed += 1
-        replaying = offset < rt.replay_until
-        if offset >= rt.next_offset:
-            rt.next_offset = offset + 1
+        c.processed += len(admitted)
+        if last >= rt.next_offset:
+            rt.next_offset = last + 1
         rt.dirty = True
-        if raw.startswith(_WATERMARK_PREFIX):
-            try:
-                rt.state.advance(int(orjson.loads(raw)[WATERMARK_KEY]))
-                return None
-            except (orjson.JSONDecodeError, TypeError, ValueError):
-                pass  # not a well-formed punctuation: validate it like any record (-> DLQ)
-        event = validate(raw, self.defs.dataset)
-        if isinstance(event, Rejection):
+        replay_until = rt.replay_until
+        validate, calendar = self.validate, self.defs.dataset.calendar
+        events: list[dict[str, Any]] = []  # the current run of clean events, and their offsets
+        offsets: list[int] = []
+        run_replaying = False
+        for r in admitted:
+            offset = r.offset
+            replaying = offset < replay_until
+            raw = r.value if r.value is not None else b""  # a null value (a tombstone) is not an event
+            if raw.startswith(_WATERMARK_PREFIX):
+                try:
+                    mark = int(orjson.loads(raw)[WATERMARK_KEY])
+                except (orjson.JSONDecodeError, TypeError, ValueError):
+                    mark = None  # not a well-formed punctuation: validate it like any record (-> DLQ)
+                if mark is not None:
+                    self._fold(rt, events, offsets, run_replaying)
+                    events, offsets = [], []
+                    rt.state.advance(mark)
+                    continue
+            event = validate(raw)
+            if isinstance(event, Rejection):
+                if replaying:
+                    c.replayed += 1
+                    continue
+                c.rejected += 1
+                c.by_reason[event.reason] = c.by_reason.get(event.reason, 0) + 1
+                ts = r.timestamp
+                ms = ts if ts and ts > 0 else int(time.time() * 1000)
+                day = calendar.day_of(ms)  # the dataset's day, in its time zone
+                rt.rejected[(day, event.reason)] = rt.rejected.get((day, event.reason), 0) + 1
+                out.append(dead_letter(self.topic, partition, offset, r.key, raw, event))
+                continue
+            c.valid += 1
             if replaying:
                 c.replayed += 1
-                return None
-            c.rejected += 1
-            c.by_reason[event.reason] = c.by_reason.get(event.reason, 0) + 1
-            ms = timestamp_ms if timestamp_ms and timestamp_ms > 0 else int(time.time() * 1000)
-            day = self.defs.dataset.calendar.day_of(ms)  # the dataset's day, in its time zone
-            rt.rejected[(day, event.reason)] = rt.rejected.get((day, event.reason), 0) + 1
-            rt.dirty = True
-            return dead_letter(self.topic, partition, offset, key, raw, event)
-        c.valid += 1
-        if replaying:
-            c.replayed += 1
-        else:
-            rt.lake.add(event, offset, rt.state.watermark_ms)
-        rt.state.add(event, offset, count_late=not replaying)
-        return None
+            if events and replaying != run_replaying:
+                self._fold(rt, events, offsets, run_replaying)
+                events, offsets = [], []
+            run_replaying = replaying
+            events.append(event)
+            offsets.append(offset)
+        self._fold(rt, events, offsets, run_replaying)
+        return out
+
+    @staticmethod
+    def _fold(rt: _Partition, events: list[dict[str, Any]], offsets: list[int], replaying: bool) -> None:
+        """Fold a run of clean events into the open windows, and land them unless they were landed before the
+        last checkpoint (a re-read after a restart: below replay_until, where nothing is counted late again)."""
+        if not events:
+            return
+        marks = rt.state.add_batch(events, offsets, count_late=not replaying)
+        if not replaying:
+            rt.lake.add_many(events, offsets, marks)
 
     def checkpoint_due(self) -> bool:
         """Every checkpoint_interval_s, and sooner (CLOSE_CHECKPOINT_GAP_S) once a window has closed.

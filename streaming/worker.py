@@ -180,15 +180,15 @@ class StreamWorker:
                     if hooks is not None:
                         hooks.batch_start(processor, len(batch))
                     for tp, records in batch.records.items():
-                        p = tp.partition
-                        for r in records:
-                            out = processor.process(p, r.offset, r.key, r.value, r.timestamp)
+                        for out in processor.process_batch(tp.partition, records):
                             if isinstance(out, Seek):
                                 log.info(
-                                    "partition %d: offset %d came ahead of %d; going back", p, r.offset, out.offset
+                                    "partition %d: going back to %d (records came ahead of it)",
+                                    out.partition,
+                                    out.offset,
                                 )
                                 self.consumer.seek(tp, out.offset)
-                            elif out is not None:
+                            else:
                                 await self.dlq_topic.send(key=out.key, value=out.value)
                     if hooks is not None:
                         hooks.batch_end(processor)

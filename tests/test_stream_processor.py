@@ -131,3 +131,66 @@ def test_a_lost_log_starts_a_new_epoch_and_keeps_what_was_written(pg_url: str, t
     assert reset.assign(0, log_lost=True) is None  # the broker lost it: from the topic's beginning
     assert reset.partitions[0].epoch != epoch and reset.counters.broker_resets == 1
     assert reset.partitions[0].state.watermark_ms < START  # a new epoch's watermark starts over
+
+
+def test_a_fetched_batch_is_handled_as_its_records_one_by_one(pg_url: str, tmp_path) -> None:  # noqa: ANN001
+    """process_batch (the worker's path) against process on each record: fetches with re-deliveries, a record
+    ahead of its turn (a seek), dead letters (a tombstone among them), watermark punctuations, and records below
+    the replay point. Outputs, counters, the open windows and the lake's buffer must be the same."""
+    import random
+
+    from batchmark.replay import WATERMARK_KEY
+    from batchmark.stream_processor import DeadLetter, Record
+
+    rng = random.Random(5)
+    log: list[Record] = []
+    for i in range(900):
+        roll = rng.random()
+        if roll < 0.03:
+            value = rng.choice([b'{"broken', None, b"[1]", orjson.dumps({"event_id": "x"})])
+        elif roll < 0.05:
+            value = orjson.dumps({WATERMARK_KEY: START + i * 20_000 + rng.randrange(60_000)})
+        else:
+            value = _event(i if rng.random() < 0.9 else max(0, i - rng.randrange(400)))  # some arrive late
+        log.append(Record(i, b"k", value, START + i))
+    fetches, pos = [], 0
+    while pos < len(log):
+        n = rng.randrange(1, 120)
+        fetch = log[pos : pos + n]
+        if rng.random() < 0.15 and pos > 10:  # a re-delivery of records already handled, then the new ones
+            fetch = log[pos - rng.randrange(1, 10) : pos] + fetch
+        if rng.random() < 0.1 and len(fetch) > 3:  # a gap: the records after it come ahead of their turn
+            fetches.append(fetch[:1] + fetch[3:])
+            fetch = fetch[1:]  # the consumer went back: they come again in order
+        fetches.append(fetch)
+        pos += n
+    procs = [_processor(tmp_path / str(k), f"spb-{k}-{uuid.uuid4().hex[:6]}") for k in range(2)]
+    outs: list[list] = [[], []]
+    for k, proc in enumerate(procs):
+        proc.assign(0)
+        proc.partitions[0].replay_until = 60  # as if the first 60 records were handled before a restart
+        for fetch in fetches:
+            if k == 0:
+                outs[k] += [out for r in fetch if (out := proc.process(0, *r)) is not None]
+            else:
+                outs[k] += proc.process_batch(0, fetch)
+
+    def comparable(out: object) -> object:
+        if isinstance(out, DeadLetter):
+            body = orjson.loads(out.value)
+            return ("dead letter", out.key, body["reason"], body["offset"], body["raw_b64"])
+        return out
+
+    assert [comparable(o) for o in outs[1]] == [comparable(o) for o in outs[0]]
+    assert any(isinstance(o, Seek) for o in outs[0]) and sum(isinstance(o, DeadLetter) for o in outs[0]) > 10
+    one, many = (p.partitions[0] for p in procs)
+    assert dataclasses.asdict(procs[1].counters) == dataclasses.asdict(procs[0].counters)
+    assert procs[0].counters.replayed > 0 and procs[0].counters.skipped > 0
+    assert (many.position, many.next_offset, many.rejected) == (one.position, one.next_offset, one.rejected)
+    assert many.lake._columns == one.lake._columns and len(one.lake._columns) > 0
+    for st in (one.state, many.state):
+        st.advance(START + 10**9)
+    views = [sorted((r.metric, r.group_key, r.window_start_ms, r.n_events) for r in p.state.close_ready()[0])
+             for p in (one, many)]  # fmt: skip
+    assert views[0] == views[1] and len(views[0]) > 50
+    assert sorted(one.state.late_counts()) == sorted(many.state.late_counts()) and one.state.late_events > 0

@@ -37,16 +37,18 @@ def category(fs: list[tuple[str, str]]) -> str:
         if "PartitionState.close_ready" in names:
             return "ours: checkpoint / close_ready (results)"
         return "ours: checkpoint / other"
-    if "StreamProcessor.process" in names:
-        if "validate" in names or "validate_record" in names or "decode" in names:
-            return "ours: process / validate (orjson + schema)"
-        if "LakeWriter.add" in names:
+    if "StreamProcessor.process" in names or "StreamProcessor.process_batch" in names:
+        if {"validate", "validate_record", "decode", "validator.<locals>.check", "parse_event_time"} & set(names):
+            return "ours: process / validate (msgspec + schema)"
+        if "LakeWriter.add" in names or any(n.startswith("LakeWriter.add_many") for n in names):
             return "ours: process / lake.add"
-        if "PartitionState.add" in names:
+        if any(n.startswith("PartitionState.add") for n in names):
             aggs = [fn for fn, file in fs if file.endswith("aggregates.py") or "sketch" in file]
             if aggs:
                 return f"ours: process / engine.add / {aggs[0].split('.')[0]}"
-            return "ours: process / engine.add (window lookup, group key, value fn)"
+            if any(fn.startswith("<lambda>") or "_field_getter" in fn for fn in names):
+                return "ours: process / engine.add / value fns"
+            return "ours: process / engine.add (windows, group keys, grouping)"
         if "dead_letter" in names:
             return "ours: process / dead letter"
         return "ours: process / other"
