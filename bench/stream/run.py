@@ -223,7 +223,7 @@ def start_product_worker(env: dict[str, str], cwd: Path, log: Path) -> subproces
     return subprocess.Popen(
         [str(BIN / "faust"), "-A", "streaming.app", "worker", "--without-web", "-l", "info"],
         cwd=cwd,
-        env={**env, "PYTHONPATH": str(REPO)},
+        env={**env, "PYTHONPATH": env.get("BENCH_PRODUCT_ROOT", str(REPO))},  # another checkout: --baseline-ref
         stdout=_log(log),
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -466,6 +466,12 @@ def main() -> int:
         metavar="FILE",
         help="py-spy record 15 s of the first product worker (FILE.json: speedscope, else collapsed stacks)",
     )
+    ap.add_argument(
+        "--baseline-ref",
+        metavar="REF",
+        help="also run the product of this commit (a git worktree, this venv), first, with the first worker "
+        "count, on the same topic: before/after in one run",
+    )
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "stream.json"))
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs, lake)")
     ap.add_argument("--timeout", type=float, default=1800)
@@ -534,7 +540,13 @@ def main() -> int:
             env[k] = v
         product_runs = []
         checks = []
-        for i, workers in enumerate(worker_counts):
+        runs = [(workers, None) for workers in worker_counts]
+        if args.baseline_ref:
+            base_root = work / "baseline"
+            git = ["git", "-C", str(REPO), "worktree"]
+            subprocess.run([*git, "add", "-q", str(base_root), args.baseline_ref], check=True)
+            runs.insert(0, (worker_counts[0], base_root))
+        for i, (workers, root) in enumerate(runs):
             run_url = url if i == 0 else f"{url}_{i}"
             fresh_database(run_url)
             run_env = {
@@ -543,6 +555,8 @@ def main() -> int:
                 "BATCHMARK_HOME": str(work / f"home-{i}"),
                 "BATCHMARK_CONSUMER_GROUP": f"bench-{run_id}-{i}",
             }
+            if root is not None:
+                run_env["BENCH_PRODUCT_ROOT"] = str(root)
             b0 = sum(broker_proc.cpu_times()[:2])
             run_work = work / f"run-{i}"
             run_work.mkdir()
@@ -550,12 +564,19 @@ def main() -> int:
                 run_work, run_env, p_ends, len(records), workers, args.profile if i == 0 else None, args.timeout
             )
             prod["broker_cpu_s"] = round(sum(broker_proc.cpu_times()[:2]) - b0, 2)
-            print(f"product, {workers} worker(s):  {prod['events_per_s']:,} events/s over {prod['seconds']}s")
+            label = f"baseline {args.baseline_ref}" if root is not None else "product"
+            prod["code"] = args.baseline_ref if root is not None else "this checkout"
+            print(f"{label}, {workers} worker(s):  {prod['events_per_s']:,} events/s over {prod['seconds']}s")
+            checks.append(compare(f"{label} ({workers}w) == dataset", only(prod_values, {m.name for m in exact}), want))
+            if root is not None:
+                baseline = prod
+                continue
             product_runs.append(prod)
-            checks.append(compare(f"product ({workers}w) == dataset", only(prod_values, {m.name for m in exact}), want))
-            if i == 0:
+            if len(product_runs) == 1:
                 first_values = prod_values
         prod = product_runs[0]
+        if not args.baseline_ref:
+            baseline = None
         tb = plain = None
         if not args.skip_textbook:
             tenv = {
@@ -600,6 +621,13 @@ def main() -> int:
             },
             "product": prod,
             "product_runs": product_runs,
+            "baseline": baseline,
+            "vs_baseline": {
+                "throughput": round(prod["events_per_s"] / baseline["events_per_s"], 3),
+                "cpu_per_event": round(prod["cpu_s_per_million"] / baseline["cpu_s_per_million"], 3),
+            }
+            if baseline
+            else None,
             "textbook": tb,
             "plain_faust": plain,
             "ratio": round(prod["events_per_s"] / tb["events_per_s"], 2) if tb else None,
@@ -618,6 +646,9 @@ def main() -> int:
         }
     finally:
         broker.stop()
+        if args.baseline_ref:
+            git = ["git", "-C", str(REPO), "worktree"]
+            subprocess.run([*git, "remove", "--force", str(work / "baseline")], check=False)
         if not args.keep and result:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -632,6 +663,8 @@ def main() -> int:
 def print_table(r: dict) -> None:
     runs = r.get("product_runs") or [r["product"]]
     cols = [(f"product {p['workers']}w", p) for p in runs]
+    if r.get("baseline"):
+        cols.insert(0, (f"{r['baseline']['code']} {r['baseline']['workers']}w", r["baseline"]))
     cols += [(name, r.get(key)) for name, key in (("textbook", "textbook"), ("plain Faust", "plain_faust"))]
     cols = [(name, c) for name, c in cols if c]
 
@@ -652,6 +685,9 @@ def print_table(r: dict) -> None:
     print(f"{'':36}" + "".join(f"{name:>24}" for name, _ in cols))
     for label, get in rows:
         print(f"{label:36}" + "".join(f"{str(get(c)):>24}" for _, c in cols))
+    if r.get("vs_baseline"):
+        vs = r["vs_baseline"]
+        print(f"product vs baseline: throughput x{vs['throughput']}, CPU per event x{vs['cpu_per_event']}")
     if r.get("ratio"):
         print(f"{'ratio product/textbook':36} {r['ratio']:>23}")
     if r.get("ratio_to_plain_faust"):
