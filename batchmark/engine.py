@@ -134,12 +134,12 @@ class PartitionState:
         n = len(events)
         if not n:
             return []
-        times = [e["event_time_ms"] for e in events]
+        times = list(map(itemgetter("event_time_ms"), events))
         marks = list(accumulate(times, max, initial=self.watermark_ms))  # marks[i]: the watermark before event i
         highest = marks[n - 1]  # the largest watermark any event of the batch meets
         utc = self.calendar.is_utc
         key_texts: dict[tuple[str, ...], list[str]] = {}  # group keys of every event, per grouping
-        columns: dict[str, Any] = {}  # a value expression's value for every event of the batch
+        columns: dict[str, Any] = {}  # a value expression's value for every event (where all are folded)
         for size, lateness, keys, members, rows in self._plan:
             if utc:
                 starts = [t - t % size for t in times]
@@ -152,7 +152,9 @@ class PartitionState:
             if texts is None:
                 if len(keys) == 1:
                     k0 = keys[0]
-                    texts = [e[k0] for e in events] if k0 in self._texts else [str(e[k0]) for e in events]
+                    texts = list(map(itemgetter(k0), events))
+                    if k0 not in self._texts:
+                        texts = list(map(str, texts))
                 else:
                     texts = ["|".join(str(e[k]) for k in keys) for e in events]
                 key_texts[keys] = texts
@@ -196,9 +198,9 @@ class PartitionState:
                     if leader < 0:
                         if value_fn is None:
                             values: Any = [1.0] * len(sel)
-                        elif present is not None:  # only where the metric has a value (its fields are set)
+                        elif present is not None or closing:  # only the events add would fold
                             values = [value_fn(events[i]) for i in sel]
-                        else:
+                        else:  # every event of the batch is folded here: its value once for all the metrics
                             expr = ms.metric.value_expr
                             column = columns.get(expr)
                             if column is None:

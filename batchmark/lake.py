@@ -17,6 +17,7 @@ lateness: the stream has then landed and closed all of it.
 from __future__ import annotations
 
 import json
+import operator
 import os
 from datetime import date
 from pathlib import Path
@@ -28,6 +29,7 @@ import pyarrow.parquet as pq
 from batchmark.definitions import Dataset
 from batchmark.windows import Calendar
 
+_event_time = operator.itemgetter("event_time_ms")
 _ARROW_TYPES = {"string": pa.string(), "float": pa.float64(), "int": pa.int64()}
 
 
@@ -64,6 +66,7 @@ class LakeWriter:
         self.epoch = epoch
         self.schema = arrow_schema(ds)
         self._names = self.schema.names[:-4]  # the event's own columns
+        self._getters = [operator.itemgetter(name) for name in self._names]
         # day -> the event columns, then _offset and _watermark_ms
         self._columns: dict[date, list[list[Any]]] = {}
         self._day: tuple[int, int, list[list[Any]]] | None = None  # [start, end) ms of the last day added
@@ -86,11 +89,11 @@ class LakeWriter:
         """``add`` each event in order (the stream worker lands a fetched batch's run of events at once)."""
         if not events:
             return
-        times = [e["event_time_ms"] for e in events]
+        times = list(map(_event_time, events))
         start, end, columns = self._day_columns(times[0])
         if start <= min(times) and max(times) < end:  # all on one day: the common case
-            for name, column in zip(self._names, columns, strict=False):
-                column.extend([e[name] for e in events])
+            for get, column in zip(self._getters, columns, strict=False):
+                column.extend(map(get, events))
             columns[-2].extend(offsets)
             columns[-1].extend(watermarks)
             return
