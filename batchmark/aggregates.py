@@ -94,12 +94,15 @@ def add_partial(partials: list[float], x: float) -> list[float]:
 
 def add_partials(partials: list[float], values: Sequence[float]) -> list[float]:
     """Add every value to the partial sums exactly: one add when math.fsum of the values is itself exact (the
-    sum of the values minus it is 0), which leaves the exact total, and so fsum of the partials, unchanged."""
-    try:
-        total = math.fsum(values)
-        exact = math.isfinite(total) and math.fsum([*values, -total]) == 0.0
-    except (OverflowError, ValueError):
-        exact = False
+    sum of the values minus it is 0), which leaves the exact total, and so fsum of the partials, unchanged.
+    Only for floats: fsum rounds an int beyond 2^53 first, while add_partial keeps it exact."""
+    exact = False
+    if set(map(type, values)) == {float}:
+        try:
+            total = math.fsum(values)
+            exact = math.isfinite(total) and math.fsum([*values, -total]) == 0.0
+        except (OverflowError, ValueError):
+            pass
     if exact:
         return add_partial(partials, total)
     for x in values:

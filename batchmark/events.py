@@ -182,34 +182,9 @@ def validator(ds: Dataset) -> Callable[[bytes], dict[str, Any] | Rejection]:
     unknown fields and numbers beyond a float's range refused. A record it refuses, or whose time is out of
     range or not a time, goes through ``validate``, which has the last word and gives the reason. So the
     result is always ``validate``'s (tests compare the two on valid, edge and broken records)."""
-    names = [f.name for f in ds.fields]
-    if any(not n.isidentifier() or keyword.iskeyword(n) for n in names) or {"event_id", "event_time_ms"} & set(names):
-        return lambda raw: validate(raw, ds)  # field names a Struct cannot carry: the plain path
-    spec: list[tuple[Any, ...]] = [
-        ("event_id", Annotated[str, msgspec.Meta(min_length=1, max_length=128)]),
-        ("event_time_ms", int | str),
-    ]
-    for f in ds.fields:
-        if f.type == "string":
-            t: Any = Annotated[str, msgspec.Meta(min_length=1, max_length=f.max_length)]
-        elif f.type == "float":
-            bounds = {k: float(v) for k, v in (("ge", f.min), ("le", f.max)) if v is not None}
-            t = Annotated[float, msgspec.Meta(**bounds)] if bounds else float  # msgspec refuses +-inf itself
-        else:
-            bounds = {
-                k: int(math.ceil(v) if k == "ge" else math.floor(v))
-                for k, v in (("ge", f.min), ("le", f.max))
-                if v is not None and math.isfinite(v)
-            }
-            t = Annotated[int, msgspec.Meta(**bounds)] if bounds else int
-        spec.append((f.name, t | None, None) if f.nullable else (f.name, t))
-    struct = msgspec.defstruct(
-        f"{ds.name}_record",
-        spec,
-        rename={"event_id": ds.event_id, "event_time_ms": ds.event_time},
-        forbid_unknown_fields=True,
-        kw_only=True,
-    )
+    struct = _record_struct(ds)
+    if struct is None:
+        return lambda raw: validate(raw, ds)  # a schema the decoder cannot state exactly: the plain path
     decode_struct = msgspec.json.Decoder(struct).decode
     asdict = msgspec.structs.asdict
     lo, hi = ds.min_event_time_ms, ds.max_event_time_ms
@@ -229,3 +204,55 @@ def validator(ds: Dataset) -> Callable[[bytes], dict[str, Any] | Rejection]:
         return event
 
     return check
+
+
+_INT64 = (-(2**63), 2**63 - 1)  # what msgspec bounds can say; orjson (validate) reads exact ints in a wider range
+
+
+def _record_struct(ds: Dataset) -> Any:
+    """The msgspec Struct of a clean record, or None when the dataset has something it cannot state exactly:
+    field names that are not identifiers or collide, bounds that are not finite, a float bound a float cannot
+    hold, anything msgspec refuses. Int bounds are clamped to int64: a value beyond goes to ``validate``."""
+    names = [f.name for f in ds.fields]
+    sources = {ds.event_id, ds.event_time}
+    if (
+        any(not n.isidentifier() or keyword.iskeyword(n) for n in names)
+        or {"event_id", "event_time_ms"} & set(names)
+        or sources & set(names)
+        or len(sources) < 2
+    ):
+        return None
+    spec: list[tuple[Any, ...]] = [
+        ("event_id", Annotated[str, msgspec.Meta(min_length=1, max_length=128)]),
+        ("event_time_ms", int | str),
+    ]
+    for f in ds.fields:
+        ends = {"ge": f.min, "le": f.max}
+        if any(v is not None and (v != v or (f.type == "float" and math.isinf(v))) for v in ends.values()):
+            return None  # nan, or an infinite float bound: validate_record's comparisons decide
+        if f.type == "string":
+            t: Any = Annotated[str, msgspec.Meta(min_length=1, max_length=f.max_length)]
+        elif f.type == "float":
+            if any(v is not None and float(v) != v for v in ends.values()):
+                return None  # an int bound that a float rounds: msgspec would compare with the rounded one
+            bounds = {k: float(v) for k, v in ends.items() if v is not None}
+            t = Annotated[float, msgspec.Meta(**bounds)] if bounds else float  # msgspec refuses +-inf itself
+        else:
+            lo = _INT64[0] if f.min is None or f.min == -math.inf else max(_INT64[0], math.ceil(f.min))
+            hi = _INT64[1] if f.max is None or f.max == math.inf else min(_INT64[1], math.floor(f.max))
+            if lo > hi:
+                return None
+            t = Annotated[int, msgspec.Meta(ge=lo, le=hi)]
+        spec.append((f.name, t | None, None) if f.nullable else (f.name, t))
+    try:
+        struct = msgspec.defstruct(
+            f"{ds.name}_record",
+            spec,
+            rename={"event_id": ds.event_id, "event_time_ms": ds.event_time},
+            forbid_unknown_fields=True,
+            kw_only=True,
+        )
+        msgspec.json.Decoder(struct)
+    except (TypeError, ValueError):
+        return None
+    return struct

@@ -214,9 +214,11 @@ class StreamProcessor:
             c.skipped += len(records)
             return []
         out: list[DeadLetter | Seek] = []
+        seeks: list[tuple[int, Seek]] = []  # (records admitted before it, the seek): outputs keep record order
         first = records[0].offset if records else None
         if first is not None and rt.position == first and records[-1].offset - first == len(records) - 1:
             admitted = records  # the usual batch: the next offsets in a row (a fetch's offsets only increase)
+            rt.seeking_since = None
         else:
             admitted = []
             for r in records:
@@ -228,7 +230,7 @@ class StreamProcessor:
                     now = time.monotonic()
                     if rt.seeking_since is None:
                         rt.seeking_since = now
-                        out.append(Seek(partition, rt.position))
+                        seeks.append((len(admitted), Seek(partition, rt.position)))
                         continue
                     if now - rt.seeking_since < SEEK_GRACE_S:
                         c.skipped += 1
@@ -243,10 +245,9 @@ class StreamProcessor:
                 rt.seeking_since = None
                 admitted.append(r)
         if not admitted:
-            return out
+            return [seek for _, seek in seeks]
         last = admitted[-1].offset
         rt.position = last + 1
-        rt.seeking_since = None
         c.processed += len(admitted)
         if last >= rt.next_offset:
             rt.next_offset = last + 1
@@ -258,12 +259,14 @@ class StreamProcessor:
         if offsets[0] >= replay_until and Rejection not in set(map(type, checked)):
             c.valid += len(checked)  # the usual batch: clean events, none re-read
             self._fold(rt, checked, offsets, False)
-            return out
+            return [seek for _, seek in seeks]
         calendar = self.defs.dataset.calendar
         events: list[dict[str, Any]] = []  # the current run of clean events, and their offsets
         run: list[int] = []
         run_replaying = False
-        for r, raw, event, offset in zip(admitted, raws, checked, offsets, strict=True):
+        for j, (r, raw, event, offset) in enumerate(zip(admitted, raws, checked, offsets, strict=True)):
+            while seeks and seeks[0][0] <= j:
+                out.append(seeks.pop(0)[1])
             replaying = offset < replay_until
             if raw.startswith(_WATERMARK_PREFIX):
                 try:
@@ -297,7 +300,7 @@ class StreamProcessor:
             events.append(event)
             run.append(offset)
         self._fold(rt, events, run, run_replaying)
-        return out
+        return out + [seek for _, seek in seeks]
 
     @staticmethod
     def _fold(rt: _Partition, events: list[dict[str, Any]], offsets: list[int], replaying: bool) -> None:

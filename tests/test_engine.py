@@ -211,8 +211,11 @@ def test_add_many_is_add_value_by_value(kind: str) -> None:
     agg = aggregate_for(kind, params)
     rng = random.Random(kind)
     for trial in range(300):
-        pools = [[1e16, 1.0, -1e16, 3.3, 1e-300], [0.1, 0.2, 0.3, 2.5], [math.nan, 1.0, -0.0, 0.0, 7.0]]
-        pool = ["a", "b", "c", "d", 1, 2.0] if kind in ("distinct", "topk") else pools[trial % 3]
+        pools = [[1e16, 1.0, -1e16, 3.3, 1e-300], [0.1, 0.2, 0.3, 2.5], [math.nan, 1.0, -0.0, 0.0, 7.0],
+                 [2**53 + 1, 2**60 + 3, 0.5, 7, -(2**55) - 1]]  # fmt: skip
+        pool = pools[trial % 4]
+        if kind in ("distinct", "topk"):
+            pool = ["a", "b", "c", "d", 1, 2.0]
         if kind == "binpack":
             pool = [0.5, 3.3, 9.9, 10.0, 25.0, 0.1]
         one, many = agg.new(), agg.new()

@@ -127,7 +127,8 @@ def test_validator_answers_as_validate_does_and_decodes_the_common_record_itself
     )
     import json
 
-    valid = {"k": ["a", "é" * 3], "n": [1, 10, 7], "big": [0, -1, 2**63, 2**70], "u": [0.0, -0.0, 1e308, 3],
+    valid = {"k": ["a", "é" * 3], "n": [1, 10, 7], "big": [0, -1, 2**63, 2**70, 10**20 + 1, -(2**63) - 1],
+             "u": [0.0, -0.0, 1e308, 3],
              "opt": [None, 0, 0.5, 1.0]}  # fmt: skip
     broken = [None, True, 11, -1, 0.5, 7.0, 1e400, float("nan"), "", "é" * 4, [], {}, "3"]
     rng = random.Random(11)
@@ -173,3 +174,37 @@ def test_validator_answers_as_validate_does_and_decodes_the_common_record_itself
     assert fast(orjson.dumps({**GOOD, "event_time": 1795514400250}))["event_time_ms"] == 1795514400250
     assert calls == []
     assert isinstance(fast(orjson.dumps({**GOOD, "cpu": True})), Rejection) and len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"fields": "int1e19"},  # an int bound beyond int64
+        {"fields": "float_inf"},  # an infinite float bound (valid TOML)
+        {"fields": "float_unrepresentable"},  # an int bound of a float field that a float rounds
+        {"event_id": "tenant"},  # the id is also a field
+    ],
+)
+def test_validator_takes_the_plain_path_for_schemas_it_cannot_state(change: dict) -> None:
+    """Definitions the typed decoder cannot express exactly still give a working validator (once, these made
+    the worker fail at start-up), and it answers as validate does."""
+    import dataclasses
+    import json
+
+    from batchmark import events
+    from batchmark.definitions import FieldSpec
+
+    kind = change.pop("fields", None)
+    extra = {
+        "int1e19": FieldSpec("n", "int", min=-1e20, max=1e19),
+        "float_inf": FieldSpec("n", "float", min=0.0, max=float("inf")),
+        "float_unrepresentable": FieldSpec("n", "float", min=9007199254740993),
+        None: FieldSpec("n", "int", min=0),
+    }[kind]
+    ds = dataclasses.replace(DS, fields=(*DS.fields, dataclasses.replace(extra, nullable=True)), **change)
+    fast = events.validator(ds)
+    records = [{**GOOD, "n": v} for v in (0, 5, 9007199254740992, 9007199254740993.0, 10**19, 10**21, -1)]
+    records += [{k: v for k, v in r.items() if k != "event_id"} | {ds.event_id: "e1"} for r in records]
+    for record in records:
+        raw = json.dumps(record).encode()  # writes ints beyond 64 bits too
+        assert fast(raw) == validate(raw, ds), raw
