@@ -10,7 +10,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from itertools import accumulate
 from operator import itemgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 from batchmark.aggregates import Aggregate, aggregate_for
 from batchmark.definitions import Definitions, Metric
@@ -41,6 +41,19 @@ class _MetricState:
     rows: dict[tuple[int, str], list[list[Any]]] = field(default_factory=dict)
 
 
+class _Member(NamedTuple):
+    """A metric in its plan group, with what folding an event into it needs (see PartitionState._plan)."""
+
+    state: _MetricState
+    value_fn: Any  # the metric's value of an event, or None (count)
+    add: Any
+    update: Any  # folds a value in place, or None
+    new: Any
+    leader: int  # the earlier member whose state this one reads (one KLL for p50, p95, p99), else -1
+    present: Any  # whether a record counts for the metric; None: every record does
+    add_many: Any
+
+
 def group_key(event: dict[str, Any], keys: tuple[str, ...]) -> str:
     """The text key of an event's group ('' for a metric over all events)."""
     if len(keys) == 1:
@@ -60,12 +73,10 @@ class PartitionState:
         self._texts = frozenset(f.name for f in defs.dataset.fields if f.type == "string" and not f.nullable)
         # Metrics with the same window, lateness and grouping share one window start, closed test, group key
         # and window lookup per event: (size, lateness, group_by, members, rows). rows maps a window key to
-        # the members' slots (the same lists as in each metric's own ``windows``). A member is (metric state,
-        # value fn, add, in-place update or None, new, leader, present): leader is the index of an earlier member
-        # whose state this one reads (same value, same sketch: one KLL serves p50, p95 and p99), else -1; present
-        # says whether a record counts for the metric (None: all do). A window a metric read nothing in (every
-        # record null for it, or outside its where) has n = 0 and is never written, as in the batch truth.
-        plan: dict[tuple[int, int, tuple[str, ...]], list[tuple[Any, ...]]] = {}
+        # the members' slots (the same lists as in each metric's own ``windows``); a member is a _Member. A
+        # window a metric read nothing in (every record null for it, or outside its where) has n = 0 and is
+        # never written, as in the batch truth.
+        plan: dict[tuple[int, int, tuple[str, ...]], list[_Member]] = {}
         rows_of: dict[tuple[int, int, tuple[str, ...]], dict[tuple[int, str], list[list[Any]]]] = {}
         owners: dict[tuple[Any, ...], int] = {}
         for ms in self.metrics:
@@ -79,8 +90,9 @@ class PartitionState:
                 leader = owners.setdefault((grouping, m.value_expr, m.where, share), len(members))
                 leader = -1 if leader == len(members) else leader
             present = None if m.reads_every_record else m.present  # None: every record counts (the fast path)
-            members.append((ms, m.value_fn, agg.add, agg.in_place_update(), agg.new, leader, present, agg.add_many))
-        self._plan: list[tuple[int, int, tuple[str, ...], list[tuple[Any, ...]], dict[tuple[int, str], list]]] = [
+            update = agg.in_place_update()
+            members.append(_Member(ms, m.value_fn, agg.add, update, agg.new, leader, present, agg.add_many))
+        self._plan: list[tuple[int, int, tuple[str, ...], list[_Member], dict[tuple[int, str], list]]] = [
             (size, late, keys, members, rows_of[(size, late, keys)]) for (size, late, keys), members in plan.items()
         ]
 
@@ -101,9 +113,9 @@ class PartitionState:
                 start, end = self.calendar.window(ts, size)
             if wm - lateness >= end:  # the window is closed: the event is late for these metrics
                 if count_late:
-                    for ms, *rest in members:
-                        if rest[5] is None or rest[5](event):
-                            ms.late[start] += 1
+                    for m in members:
+                        if m.present is None or m.present(event):
+                            m.state.late[start] += 1
                             self.late_events += 1
                 continue
             key = (start, group_key(event, keys))
@@ -158,14 +170,10 @@ class PartitionState:
                 else:
                     texts = ["|".join(str(e[k]) for k in keys) for e in events]
                 key_texts[keys] = texts
-            groups: dict[tuple[int, str], list[int]] = {}
+            groups: defaultdict[tuple[int, str], list[int]] = defaultdict(list)  # window -> its events, in order
             if not closing:
                 for i, key in enumerate(zip(starts, texts, strict=True)):
-                    g = groups.get(key)
-                    if g is None:
-                        groups[key] = [i]
-                    else:
-                        g.append(i)
+                    groups[key].append(i)
             else:
                 for i, key in enumerate(zip(starts, texts, strict=True)):
                     end = key[0] + size if utc else bounds[i][1]
@@ -173,15 +181,11 @@ class PartitionState:
                         if count_late:
                             event = events[i]
                             for m in members:
-                                if m[6] is None or m[6](event):
-                                    m[0].late[key[0]] += 1
+                                if m.present is None or m.present(event):
+                                    m.state.late[key[0]] += 1
                                     self.late_events += 1
                         continue
-                    g = groups.get(key)
-                    if g is None:
-                        groups[key] = [i]
-                    else:
-                        g.append(i)
+                    groups[key].append(i)
             whole = len(groups) == 1 and len(next(iter(groups.values()))) == n  # the batch is one window
             for key, idx in groups.items():
                 row = rows.get(key)

@@ -55,8 +55,8 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 class LakeWriter:
     """Buffers clean events of one topic partition and lands them as Parquet files on flush.
 
-    The buffer is columnar, per day: a fetched batch's events extend each column with one list comprehension
-    (a flush hands each column to Arrow as it is), so no per-event row is built.
+    The buffer is columnar, per day: a fetched batch's events extend each column at once (a flush hands each
+    column to Arrow as it is), so no per-event row is built.
     """
 
     def __init__(self, root: Path, ds: Dataset, partition: int, epoch: str) -> None:
