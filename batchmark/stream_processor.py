@@ -52,7 +52,7 @@ class Seek:
 
 
 class Record(NamedTuple):
-    """One record of the events topic: what the processor reads of aiokafka's ConsumerRecord."""
+    """One record of the events topic: what the processor reads of an aiokafka record."""
 
     offset: int
     key: bytes | None
@@ -195,8 +195,8 @@ class StreamProcessor:
         return out[0] if out else None
 
     def process_batch(self, partition: int, records: Sequence[Any]) -> list[DeadLetter | Seek]:
-        """Handle a partition's fetched records in order (anything with offset, key, value and timestamp, e.g.
-        aiokafka's ConsumerRecord); returns the dead letters to send for malformed ones, and Seeks.
+        """Handle a partition's fetched records in order (anything with offset, key, value and timestamp: the
+        records of batchmark.kafka.raw_records_consumer); returns the dead letters for malformed ones, and Seeks.
 
         A dead letter is also counted per day (of the record's timestamp: the replayer stamps the event time)
         and reason; the counts are committed with the checkpoint, so each is counted once (stream.rejections).

@@ -29,7 +29,7 @@ from batchmark.broker import create_topics_async, settings_topics
 from batchmark.config import Settings
 from batchmark.definitions import Definitions
 from batchmark.errors import ConfigError, ServiceUnavailable
-from batchmark.kafka import client_kwargs, log_holds
+from batchmark.kafka import client_kwargs, log_holds, raw_records_consumer
 from batchmark.stream_processor import READY_LINE, Seek, StreamProcessor
 
 log = logging.getLogger("batchmark.worker")
@@ -138,7 +138,7 @@ class StreamWorker:
         except Exception as exc:  # noqa: BLE001
             fatal(exc)
             return
-        consumer = self.consumer = AIOKafkaConsumer(
+        consumer = self.consumer = raw_records_consumer(  # aiokafka's decoded records, without a copy each
             **client_kwargs(
                 s.bootstrap_servers,
                 group_id=self.group,

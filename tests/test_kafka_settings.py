@@ -93,11 +93,77 @@ def test_every_kafka_client_in_the_product_connects_through_client_kwargs() -> N
     from batchmark.config import REPO_ROOT
 
     offenders = []
-    for path in [*Path(REPO_ROOT / "batchmark").glob("*.py"), REPO_ROOT / "streaming" / "app.py"]:
+    streaming = [REPO_ROOT / "streaming" / "app.py", REPO_ROOT / "streaming" / "worker.py"]
+    for path in [*Path(REPO_ROOT / "batchmark").glob("*.py"), *streaming]:
         text = path.read_text()
-        for m in re.finditer(r"AIOKafka(Producer|Consumer|AdminClient)\(([^)]*)", text):
+        for m in re.finditer(r"(AIOKafka(?:Producer|Consumer|AdminClient)|raw_records_consumer)\(([^)]*)", text):
             if "client_kwargs" not in m.group(2) and not m.group(2).strip().startswith("**"):
                 offenders.append(f"{path.name}: {m.group(0)[:60]}")
         if "faust.App(" in text and "broker_credentials=" not in text:
             offenders.append(f"{path.name}: faust.App without broker_credentials")
     assert offenders == []
+
+
+def test_the_raw_records_consumer_hands_out_aiokafkas_records_and_only_its_own(broker) -> None:  # noqa: ANN001
+    """The events fetcher's consumer skips the ConsumerRecord copy; the records keep every field the stream
+    processor reads, in plain and compressed batches, tombstones included; another consumer is unchanged."""
+    import asyncio
+    import uuid
+
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+    from aiokafka.structs import ConsumerRecord
+
+    from batchmark.kafka import raw_records_consumer
+
+    topic = f"raw-records-{uuid.uuid4().hex[:8]}"
+    sent: list[tuple[int, bytes | None, bytes | None, int]] = []
+
+    async def run() -> tuple[list, list, bool]:
+        for codec in (None, "lz4"):
+            producer = AIOKafkaProducer(**client_kwargs(broker.bootstrap, compression_type=codec, linger_ms=20))
+            await producer.start()
+            try:
+                futures = []
+                for i in range(50):
+                    value = None if i == 7 else f'{{"i":{i},"codec":"{codec}"}}'.encode()
+                    key = f"k{i % 3}".encode() if i % 5 else None
+                    ts = 1_700_000_000_000 + len(sent) + i
+                    futures.append(
+                        (key, value, ts, await producer.send(topic, value, key=key, partition=0, timestamp_ms=ts))
+                    )
+                for key, value, ts, fut in futures:
+                    meta = await fut
+                    sent.append((meta.offset, key, value, ts))
+            finally:
+                await producer.stop()
+        tp = TopicPartition(topic, 0)
+        got: dict[str, list] = {}
+        raw_ok = False
+        for name, consumer in (
+            ("raw", raw_records_consumer(**client_kwargs(broker.bootstrap, enable_auto_commit=False))),
+            ("plain", AIOKafkaConsumer(**client_kwargs(broker.bootstrap, enable_auto_commit=False))),
+        ):
+            await consumer.start()
+            try:
+                if name == "raw":
+                    raw_ok = consumer.uses_raw_records
+                consumer.assign([tp])
+                consumer.seek(tp, 0)
+                records: list = []
+                for _ in range(30):  # a deadline: a record missing fails below instead of hanging
+                    records += (await consumer.getmany(tp, timeout_ms=1000)).get(tp, [])
+                    if len(records) >= len(sent):
+                        break
+                got[name] = records
+            finally:
+                await consumer.stop()
+        return got["raw"], got["plain"], raw_ok
+
+    raw, plain, raw_ok = asyncio.run(run())
+    assert raw_ok
+    assert not any(isinstance(r, ConsumerRecord) for r in raw)  # the copy is skipped...
+    assert all(isinstance(r, ConsumerRecord) for r in plain)  # ...for this consumer only
+    expected = sorted(sent)
+    assert [(r.offset, r.key, r.value, r.timestamp) for r in raw] == expected
+    assert [(r.offset, r.key, r.value, r.timestamp) for r in plain] == expected
+    assert sum(r.value is None for r in raw) == 2  # the tombstones stay None (the processor dead-letters them)
