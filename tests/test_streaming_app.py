@@ -24,3 +24,43 @@ def test_importing_the_app_touches_no_service() -> None:
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[:2] == ["batchmark-stream", "batchmark-stream-events"]
+
+
+def test_worker_knobs_refuse_values_that_are_not_numbers_of_their_kind(monkeypatch) -> None:  # noqa: ANN001
+    import pytest
+
+    from batchmark.errors import ConfigError
+    from streaming.worker import Knobs
+
+    monkeypatch.setenv("BATCHMARK_GC_YOUNG", "0")
+    monkeypatch.setenv("BATCHMARK_TAKE_WITHIN", "0.5")
+    knobs = Knobs.from_env()
+    assert (knobs.gc_young, knobs.take_within, knobs.take_max) == (0, 0.5, Knobs().take_max)
+    for name, raw in (("BATCHMARK_GC_YOUNG", "lots"), ("BATCHMARK_GC_YOUNG", "-1"), ("BATCHMARK_TAKE_MAX", "0"),
+                      ("BATCHMARK_TAKE_WITHIN", "nan"), ("BATCHMARK_TAKE_MAX", "1.5")):  # fmt: skip
+        monkeypatch.setenv(name, raw)
+        with pytest.raises(ConfigError, match=f"{name}='{raw}': set it to an? (integer|number) of at least"):
+            Knobs.from_env()
+        monkeypatch.delenv(name)
+
+
+def test_tune_gc_freezes_startup_objects_and_still_collects_cycles() -> None:
+    """In a fresh interpreter (the GC is process-wide): the young threshold is raised, what existed is frozen, a
+    reference cycle made afterwards is still collected by allocation alone; 0 leaves the GC as it was."""
+    code = """
+import gc, weakref
+from streaming.worker import tune_gc
+before = gc.get_threshold()
+assert tune_gc(0) is False and gc.get_threshold() == before and gc.get_freeze_count() == 0
+assert tune_gc(5000) is True
+assert gc.get_threshold() == (5000, 20, 10) and gc.get_freeze_count() > 1000, gc.get_freeze_count()
+class Node: pass
+a, b = Node(), Node()
+a.other, b.other = b, a
+gone = weakref.ref(a)
+del a, b
+keep = [[] for _ in range(20000)]  # allocations alone trigger young collections
+print("collected" if gone() is None else "alive")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, check=True)
+    assert out.stdout.strip() == "collected", out.stderr

@@ -81,6 +81,7 @@ def test_compressed_batches_of_every_codec_are_processed(pg_url: str, broker, ho
         wait_for_day(settings, DAY, max(m.allowed_lateness_ms for m in defs.metrics), worker, log, timeout_s=240)
         assert worker.poll() is None, log.read_text()[-2000:]  # it never stopped
     assert "UnsupportedCodecError" not in log.read_text()
+    assert "cyclic GC: startup objects frozen" in log.read_text()  # the worker tunes its GC (streaming.worker.tune_gc)
     with storage.transaction(pg_url) as cur:
         cur.execute("SELECT sum(value) FROM stream.results WHERE day = %s AND metric = 'jobs'", (DAY,))
         assert cur.fetchone()[0] == len(CODECS) * PER_CODEC
