@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import operator
 import re
 import tomllib
 from collections.abc import Callable
@@ -143,6 +144,9 @@ def compile_value(expr: str, numeric_fields: set[str]) -> tuple[Callable[[dict[s
                 node,
             )
 
+    sql = " ".join(f"`{tok}`" if tok in numeric_fields else tok for tok in re.findall(r"[A-Za-z_]\w*|\S", expr))
+    if isinstance(tree.body, ast.Name):  # a field alone: r[field], in C (the stream evaluates it per event)
+        return operator.itemgetter(tree.body.id), sql
     body = _ToSubscript().visit(tree).body
     fn_tree = ast.Expression(
         body=ast.Lambda(
@@ -152,7 +156,6 @@ def compile_value(expr: str, numeric_fields: set[str]) -> tuple[Callable[[dict[s
     )
     ast.fix_missing_locations(fn_tree)
     fn = eval(compile(fn_tree, f"<metric value {expr}>", "eval"), {"__builtins__": {}})  # noqa: S307 (checked above)
-    sql = " ".join(f"`{tok}`" if tok in numeric_fields else tok for tok in re.findall(r"[A-Za-z_]\w*|\S", expr))
     return fn, sql
 
 
@@ -426,7 +429,7 @@ def _metric(raw: dict[str, Any], ds: Dataset) -> Metric:
         if field_name not in ds.field_names:
             raise ConfigError(f"metric {name!r}: kind {kind!r} needs 'field', one of {ds.field_names}")
         value_expr = field_name
-        value_fn = _field_getter(field_name)
+        value_fn = operator.itemgetter(field_name)  # r[field_name], in C
         value_sql = f"`{field_name}`"
     tolerance = float(raw.get("tolerance", agg.bound()))
     if not 0.0 <= tolerance < 1e6:
@@ -477,13 +480,6 @@ def _metric(raw: dict[str, Any], ds: Dataset) -> Metric:
         needs=needs,
         where_rule=where_rule,
     )
-
-
-def _field_getter(name: str) -> Callable[[Any], Any]:
-    def get(r: Any) -> Any:
-        return r[name]
-
-    return get
 
 
 def load_definitions(path: Path | str, version: str | None = None) -> Definitions:
