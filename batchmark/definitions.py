@@ -221,6 +221,7 @@ WORKER_KNOBS = {  # a [[version]]'s worker table -> the worker's environment (st
     "take_within": ("BATCHMARK_TAKE_WITHIN", float),
     "max_fetch_size": ("BATCHMARK_MAX_FETCH_SIZE", int),
     "checkpoint_interval_s": ("BATCHMARK_CHECKPOINT_INTERVAL_S", float),
+    "gc_young": ("BATCHMARK_GC_YOUNG", int),  # 0: Python's own GC settings (the one knob where 0 means something)
 }
 # what a version may change besides the kind's own parameters: what the streaming app computes (a tolerance is
 # the yardstick, not the app: a comparison judges both versions by the stable one's)
@@ -588,8 +589,10 @@ def _version(raw: dict[str, Any], metric_names: list[str]) -> Version:
             raise ConfigError(f"[[version]] {label!r}: worker.{key} is not a worker setting ({known})")
         if WORKER_KNOBS[key][1] is int and not isinstance(value, int):
             raise ConfigError(f"[[version]] {label!r}: worker.{key} must be a whole number")
-        if value <= 0:
-            raise ConfigError(f"[[version]] {label!r}: worker.{key} must be above 0")
+        least = 0 if key == "gc_young" else 1
+        if not value >= least:
+            bound = "at least 0" if least == 0 else "above 0"
+            raise ConfigError(f"[[version]] {label!r}: worker.{key} must be {bound}")
     return Version(
         label=label,
         description=raw.get("description", ""),

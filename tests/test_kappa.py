@@ -54,6 +54,8 @@ def test_a_version_is_the_definitions_with_its_overrides(tmp_path: Path) -> None
     assert {m.allowed_lateness_ms for m in late.metrics} == {0} and stable.metric("jobs").allowed_lateness_ms > 0
     assert stable.version_spec("small-hll").worker_env() == {"BATCHMARK_TAKE_MAX": "2000"}
     assert stable.version_spec("small-hll").changes() == "distinct_users: lg_k = 10; worker take_max = 2000"
+    gc_off = load_definitions(_defs(tmp_path, '[[version]]\nlabel = "gc-off"\n[version.worker]\ngc_young = 0\n'))
+    assert gc_off.version_spec("gc-off").worker_env() == {"BATCHMARK_GC_YOUNG": "0"}  # Python's own GC, to compare
     assert stable.version_spec("stable").changes() == "nothing"
 
 
@@ -66,6 +68,8 @@ def test_a_version_is_the_definitions_with_its_overrides(tmp_path: Path) -> None
         ('[[version]]\nlabel = "x"\n[version.metrics.jobs]\nkind = "sum"\n', "metrics.jobs.kind cannot be changed"),
         ('[[version]]\nlabel = "x"\n[version.worker]\ntake_mx = 5\n', "worker.take_mx is not a worker setting"),
         ('[[version]]\nlabel = "x"\n[version.worker]\ntake_max = 0.5\n', "worker.take_max must be a whole number"),
+        ('[[version]]\nlabel = "x"\n[version.worker]\ntake_max = 0\n', "worker.take_max must be above 0"),
+        ('[[version]]\nlabel = "x"\n[version.worker]\ngc_young = -1\n', "worker.gc_young must be at least 0"),
         ('[[version]]\nlabel = "x"\n[[version]]\nlabel = "x"\n', "labels must be unique"),
     ],
 )
