@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import math
 import operator
 import re
 import tomllib
@@ -117,10 +118,20 @@ _ALLOWED_NODES = (
 )
 
 
+def divide(a: Any, b: Any) -> Any:
+    """``a / b`` in a value expression: NaN where b is 0, for a record's numbers (the stream) and for pandas
+    columns (the batch) alike. NaN carries through the rest of the expression, and a record whose value is NaN
+    has no value for the metric: both engines skip it, as they skip a null (``Metric.present``)."""
+    if isinstance(b, int | float):
+        return a / b if b != 0 else math.nan
+    return (a / b).where(b != 0)
+
+
 def compile_value(expr: str, numeric_fields: set[str]) -> tuple[Callable[[dict[str, Any]], float], str]:
     """Compile a metric's value expression ('cpu * duration_s') for Python, and return its Spark SQL text.
 
-    Only field names, numbers and + - * / are allowed, so the same text means the same thing to both engines.
+    Only field names, numbers and + - * / are allowed, so the same text means the same thing to both engines;
+    ``/`` is ``divide`` (a zero divisor gives no value instead of an error).
     """
     try:
         tree = ast.parse(expr, mode="eval")
@@ -136,6 +147,13 @@ def compile_value(expr: str, numeric_fields: set[str]) -> tuple[Callable[[dict[s
             )
         if isinstance(node, ast.Constant) and not isinstance(node.value, int | float):
             raise ConfigError(f"value expression {expr!r} has a non-numeric constant")
+        if (
+            isinstance(node, ast.BinOp)
+            and isinstance(node.op, ast.Div)
+            and isinstance(node.right, ast.Constant)
+            and node.right.value == 0
+        ):
+            raise ConfigError(f"value expression {expr!r} divides by 0")
 
     class _ToSubscript(ast.NodeTransformer):
         def visit_Name(self, node: ast.Name) -> ast.AST:
@@ -143,6 +161,13 @@ def compile_value(expr: str, numeric_fields: set[str]) -> tuple[Callable[[dict[s
                 ast.Subscript(value=ast.Name(id="r", ctx=ast.Load()), slice=ast.Constant(node.id), ctx=ast.Load()),
                 node,
             )
+
+        def visit_BinOp(self, node: ast.BinOp) -> ast.AST:
+            self.generic_visit(node)
+            if not isinstance(node.op, ast.Div):
+                return node
+            call = ast.Call(func=ast.Name(id="divide", ctx=ast.Load()), args=[node.left, node.right], keywords=[])
+            return ast.copy_location(call, node)
 
     sql = " ".join(f"`{tok}`" if tok in numeric_fields else tok for tok in re.findall(r"[A-Za-z_]\w*|\S", expr))
     if isinstance(tree.body, ast.Name):  # a field alone: r[field], in C (the stream evaluates it per event)
@@ -155,7 +180,8 @@ def compile_value(expr: str, numeric_fields: set[str]) -> tuple[Callable[[dict[s
         )
     )
     ast.fix_missing_locations(fn_tree)
-    fn = eval(compile(fn_tree, f"<metric value {expr}>", "eval"), {"__builtins__": {}})  # noqa: S307 (checked above)
+    env = {"__builtins__": {}, "divide": divide}
+    fn = eval(compile(fn_tree, f"<metric value {expr}>", "eval"), env)  # noqa: S307 (checked above)
     return fn, sql
 
 
@@ -190,18 +216,24 @@ class Metric:
     # where clause, as (field, want_null): together they say whether a record counts for the metric.
     needs: tuple[str, ...] = ()
     where_rule: tuple[str, bool] | None = None
+    divides: bool = False  # the value has a '/': a record where a divisor is 0 has no value (``divide``)
 
     @property
     def reads_every_record(self) -> bool:
-        """Whether every valid record counts for this metric (no where clause, no nullable input)."""
-        return not self.needs and self.where_rule is None
+        """Whether every valid record counts for this metric (no where clause, no nullable input, no division)."""
+        return not self.needs and self.where_rule is None and not self.divides
 
     def present(self, record: dict[str, Any]) -> bool:
-        """Whether a clean record counts for this metric: the where clause holds and the value's fields are set.
-        Both engines use this rule (present_mask is its columnar form)."""
+        """Whether a clean record counts for this metric: the where clause holds, the value's fields are set and
+        the value is defined (no division by 0). Both engines use this rule (present_mask is its columnar form)."""
         if self.where_rule is not None and (record.get(self.where_rule[0]) is None) != self.where_rule[1]:
             return False
-        return all(record.get(f) is not None for f in self.needs)
+        if not all(record.get(f) is not None for f in self.needs):
+            return False
+        if self.divides:
+            value = self.value_fn(record)
+            return value == value  # NaN: a divisor was 0
+        return True
 
     def present_mask(self, frame: Any) -> Any:
         """present() for every row of a pandas frame, as a numpy bool array."""
@@ -212,6 +244,8 @@ class Metric:
             mask &= frame[self.where_rule[0]].isna().to_numpy() == self.where_rule[1]
         for f in self.needs:
             mask &= frame[f].notna().to_numpy()
+        if self.divides:
+            mask &= np.asarray(self.value_fn(frame).notna().to_numpy(), dtype=bool)
         return mask
 
 
@@ -441,9 +475,12 @@ def _metric(raw: dict[str, Any], ds: Dataset) -> Metric:
             f"metric {name!r}: mostly (the share of windows that must be within tolerance) must be in (0, 1]"
         )
     needs: tuple[str, ...] = ()
+    divides = False
     if value_expr:
-        read = {n.id for n in ast.walk(ast.parse(value_expr, mode="eval")) if isinstance(n, ast.Name)}
+        nodes = list(ast.walk(ast.parse(value_expr, mode="eval")))
+        read = {n.id for n in nodes if isinstance(n, ast.Name)}
         needs = tuple(sorted(f for f in read if ds.field(f).nullable))
+        divides = any(isinstance(n, ast.Div) for n in nodes)
     where = raw.get("where")
     where_rule = None
     if where is not None:
@@ -480,6 +517,7 @@ def _metric(raw: dict[str, Any], ds: Dataset) -> Metric:
         where=where,
         needs=needs,
         where_rule=where_rule,
+        divides=divides,
     )
 
 

@@ -66,6 +66,53 @@ def test_taxi_rides_stream_equals_batch() -> None:
         assert row.sketch_effect == row.stream_value - row.value  # no late, duplicate or lost rides here
 
 
+def test_a_zero_divisor_gives_no_value_in_either_engine_and_stops_no_worker() -> None:
+    """The taxi example's fare_per_km_sum is fare / distance_km and a ride may have gone 0 km (a cancelled one):
+    once that raised ZeroDivisionError in the worker, which stopped, and a restart met the same ride again. Now
+    such a ride has no value for the metric, like a null: both engines skip it (and only for that metric)."""
+    from batchmark.definitions import compile_value
+    from batchmark.errors import ConfigError
+
+    defs = load_definitions(EXAMPLE / "metrics.toml")
+    start = 1_795_000_000_000 - 1_795_000_000_000 % 3_600_000
+    rides = []
+    for i in range(300):
+        distance = 0.0 if i % 7 == 0 else (i % 11) / 2 + 0.5  # every 7th ride went nowhere
+        fare = 0.0 if i % 21 == 0 else 3.0 + i % 13  # some of them free as well: 0 / 0
+        rides.append({"ride_id": f"z{i}", "pickup_time": start + i * 20_000, "zone": f"z{i % 3}",
+                      "driver": f"d{i % 17}", "fare": fare, "distance_km": distance})  # fmt: skip
+    records = [orjson.dumps(r) for r in rides]
+    events, stream, counts, batch = _stream_and_batch(defs, records)
+
+    by_metric = batch.set_index(["metric", "group_key", "window_start_ms"])
+    per_km = {k: v for k, v in stream.items() if k[0] == "fare_per_km_sum"}
+    assert per_km and all(math.isfinite(v) for v, _ in per_km.values())
+    for key, (value, _) in per_km.items():
+        assert by_metric.loc[key, "value"] == value and by_metric.loc[key, "error"] == 0  # bit for bit
+    went = [r for r in rides if r["distance_km"] != 0]
+    assert sum(n for k, n in counts.items() if k[0] == "fare_per_km_sum") == len(went) < len(rides)
+    assert sum(n for k, n in counts.items() if k[0] == "rides") == len(rides)  # the ride itself counts
+    want: dict[tuple[str, int], list[float]] = {}
+    for r in went:
+        want.setdefault((r["zone"], r["pickup_time"] - r["pickup_time"] % 900_000), []).append(
+            r["fare"] / r["distance_km"]
+        )
+    assert {(k[1], k[2]): v for k, (v, _) in per_km.items()} == {k: math.fsum(v) for k, v in want.items()}
+
+    # the batched stream path (the worker's) agrees with the per-event one and does not raise either
+    batched = PartitionState(defs)
+    batched.add_batch(events, list(range(len(events))))
+    batched.advance(batched.watermark_ms + 86_400_000)
+    assert {(r.metric, r.group_key, r.window_start_ms): r.value for r in batched.close_ready()[0]} == {
+        k: v for k, (v, _) in stream.items()
+    }
+    # NaN carries through the rest of an expression; a literal 0 divisor is refused when the file is read
+    fn, _ = compile_value("fare / distance_km * 2 + 1", {"fare", "distance_km"})
+    assert math.isnan(fn({"fare": 1.0, "distance_km": 0})) and fn({"fare": 1.0, "distance_km": 2}) == 2.0
+    with pytest.raises(ConfigError, match="divides by 0"):
+        compile_value("fare / 0", {"fare"})
+
+
 NULLS_DEFS = """
 [dataset]
 name = "nulls"
