@@ -127,6 +127,16 @@ def divide(a: Any, b: Any) -> Any:
     return (a / b).where(b != 0)
 
 
+def _constant_zero(node: ast.AST) -> bool:
+    """Whether a divisor names no field and is 0 (or divides by 0 itself): every record would have no value."""
+    if any(isinstance(n, ast.Name) for n in ast.walk(node)):
+        return False
+    try:
+        return eval(compile(ast.Expression(node), "<divisor>", "eval"), {"__builtins__": {}}) == 0  # noqa: S307
+    except ZeroDivisionError:
+        return True
+
+
 def compile_value(expr: str, numeric_fields: set[str]) -> tuple[Callable[[dict[str, Any]], float], str]:
     """Compile a metric's value expression ('cpu * duration_s') for Python, and return its Spark SQL text.
 
@@ -147,13 +157,10 @@ def compile_value(expr: str, numeric_fields: set[str]) -> tuple[Callable[[dict[s
             )
         if isinstance(node, ast.Constant) and not isinstance(node.value, int | float):
             raise ConfigError(f"value expression {expr!r} has a non-numeric constant")
-        if (
-            isinstance(node, ast.BinOp)
-            and isinstance(node.op, ast.Div)
-            and isinstance(node.right, ast.Constant)
-            and node.right.value == 0
-        ):
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and _constant_zero(node.right):
             raise ConfigError(f"value expression {expr!r} divides by 0")
+    if not any(isinstance(node, ast.Name) for node in ast.walk(tree)):
+        raise ConfigError(f'value expression {expr!r} names no field (to count records, use kind = "count")')
 
     class _ToSubscript(ast.NodeTransformer):
         def visit_Name(self, node: ast.Name) -> ast.AST:
@@ -250,12 +257,36 @@ class Metric:
 
 
 STABLE = "stable"  # the version label of the definitions as written
+
+
+@dataclass(frozen=True)
+class WorkerKnob:
+    """A stream worker setting (streaming.worker.Knobs): its environment variable, kind and accepted range.
+    Both the worker's environment and a [[version]]'s worker table are checked against it."""
+
+    env: str
+    kind: type  # int or float
+    least: float
+    most: float
+
+    def check(self, value: Any) -> str | None:
+        """What is wrong with a value (None if it is fine)."""
+        ok_type = type(value) is int or (self.kind is float and type(value) is float)
+        if ok_type and self.least <= value <= self.most:  # a NaN fails the range
+            return None
+        if self.kind is int:
+            return f"must be a whole number from {self.least:,} to {self.most:,}"
+        return f"must be a number from {self.least:g} to {self.most:g}"
+
+
 WORKER_KNOBS = {  # a [[version]]'s worker table -> the worker's environment (streaming.worker.Knobs)
-    "take_max": ("BATCHMARK_TAKE_MAX", int),
-    "take_within": ("BATCHMARK_TAKE_WITHIN", float),
-    "max_fetch_size": ("BATCHMARK_MAX_FETCH_SIZE", int),
-    "checkpoint_interval_s": ("BATCHMARK_CHECKPOINT_INTERVAL_S", float),
-    "gc_young": ("BATCHMARK_GC_YOUNG", int),  # 0: Python's own GC settings (the one knob where 0 means something)
+    "take_max": WorkerKnob("BATCHMARK_TAKE_MAX", int, 1, 1_000_000),
+    # under a millisecond, the fetch would not wait at all and starve the event loop
+    "take_within": WorkerKnob("BATCHMARK_TAKE_WITHIN", float, 0.001, 60.0),
+    "max_fetch_size": WorkerKnob("BATCHMARK_MAX_FETCH_SIZE", int, 1024, 2**31 - 1),  # Kafka's int32
+    "checkpoint_interval_s": WorkerKnob("BATCHMARK_CHECKPOINT_INTERVAL_S", float, 0.01, 3600.0),
+    # 0: Python's own GC settings; at most a C int (gc.set_threshold)
+    "gc_young": WorkerKnob("BATCHMARK_GC_YOUNG", int, 0, 2**31 - 1),
 }
 # what a version may change besides the kind's own parameters: what the streaming app computes (a tolerance is
 # the yardstick, not the app: a comparison judges both versions by the stable one's)
@@ -274,7 +305,7 @@ class Version:
 
     def worker_env(self) -> dict[str, str]:
         """The environment variables of its worker settings."""
-        return {WORKER_KNOBS[k][0]: str(v) for k, v in self.worker}
+        return {WORKER_KNOBS[k].env: str(v) for k, v in self.worker}
 
     def changes(self) -> str:
         """What it changes, in one line."""
@@ -625,12 +656,9 @@ def _version(raw: dict[str, Any], metric_names: list[str]) -> Version:
         if key not in WORKER_KNOBS:
             known = ", ".join(WORKER_KNOBS)
             raise ConfigError(f"[[version]] {label!r}: worker.{key} is not a worker setting ({known})")
-        if WORKER_KNOBS[key][1] is int and not isinstance(value, int):
-            raise ConfigError(f"[[version]] {label!r}: worker.{key} must be a whole number")
-        least = 0 if key == "gc_young" else 1
-        if not value >= least:
-            bound = "at least 0" if least == 0 else "above 0"
-            raise ConfigError(f"[[version]] {label!r}: worker.{key} must be {bound}")
+        problem = WORKER_KNOBS[key].check(value)
+        if problem:
+            raise ConfigError(f"[[version]] {label!r}: worker.{key} {problem}")
     return Version(
         label=label,
         description=raw.get("description", ""),

@@ -190,8 +190,7 @@ def raw_records_consumer(**kwargs: Any) -> Any:
     building a ``ConsumerRecord`` for each: that copy was an eighth of the stream worker's CPU (bench/stream).
 
     Per consumer: only this instance's fetcher is changed, so Faust's consumers in the same process are not.
-    Records already decoded keep arriving as ConsumerRecords, which have the same attributes; no deserializers
-    (bytes in, bytes out). ``uses_raw_records`` tells whether the hook took (tests check it on the pinned aiokafka).
+    Fetches buffered before the hook took are switched as well; no deserializers (bytes in, bytes out). ``uses_raw_records`` tells whether the hook took (tests check it on the pinned aiokafka).
     """
     from aiokafka import AIOKafkaConsumer
 

@@ -28,7 +28,7 @@ from aiokafka.errors import IllegalStateError, KafkaError
 from batchmark import storage
 from batchmark.broker import create_topics_async, settings_topics
 from batchmark.config import Settings
-from batchmark.definitions import Definitions
+from batchmark.definitions import WORKER_KNOBS, Definitions
 from batchmark.errors import ConfigError, ServiceUnavailable
 from batchmark.kafka import client_kwargs, log_holds, raw_records_consumer
 from batchmark.stream_processor import READY_LINE, Seek, StreamProcessor
@@ -50,27 +50,20 @@ class Knobs:
     def from_env() -> Knobs:
         """The knobs from BATCHMARK_* variables; a value that is not a number of the knob's kind is refused."""
 
-        def knob(name: str, default: float, cast: type, least: float) -> Any:
-            raw = os.environ.get(name, "").strip()
+        d, values = Knobs(), {}
+        for name, knob in WORKER_KNOBS.items():  # names, kinds and ranges: one table (batchmark.definitions)
+            raw = os.environ.get(knob.env, "").strip()
             if not raw:
-                return default
+                continue
             try:
-                value = cast(raw)
+                value: Any = knob.kind(raw)
             except ValueError:
-                value = None
-            if value is None or not value >= least:
-                what = "an integer" if cast is int else "a number"
-                raise ConfigError(f"{name}={raw!r}: set it to {what} of at least {least} (default {default})")
-            return value
-
-        d = Knobs()
-        return Knobs(
-            take_max=knob("BATCHMARK_TAKE_MAX", d.take_max, int, 1),
-            take_within=knob("BATCHMARK_TAKE_WITHIN", d.take_within, float, 0.0),
-            max_fetch_size=knob("BATCHMARK_MAX_FETCH_SIZE", d.max_fetch_size, int, 1024),
-            checkpoint_interval_s=knob("BATCHMARK_CHECKPOINT_INTERVAL_S", d.checkpoint_interval_s, float, 0.0),
-            gc_young=knob("BATCHMARK_GC_YOUNG", d.gc_young, int, 0),
-        )
+                value = raw
+            problem = knob.check(value)
+            if problem:
+                raise ConfigError(f"{knob.env}={raw!r} {problem} (default {getattr(d, name)})")
+            values[name] = value
+        return Knobs(**values)
 
 
 def tune_gc(young: int) -> bool:

@@ -109,8 +109,12 @@ def test_a_zero_divisor_gives_no_value_in_either_engine_and_stops_no_worker() ->
     # NaN carries through the rest of an expression; a literal 0 divisor is refused when the file is read
     fn, _ = compile_value("fare / distance_km * 2 + 1", {"fare", "distance_km"})
     assert math.isnan(fn({"fare": 1.0, "distance_km": 0})) and fn({"fare": 1.0, "distance_km": 2}) == 2.0
-    with pytest.raises(ConfigError, match="divides by 0"):
-        compile_value("fare / 0", {"fare"})
+    for divisor in ("0", "-0", "-0.0", "(1 - 1)", "(2 - 2) * 3", "(1 / 0)"):  # the batch met a scalar here
+        with pytest.raises(ConfigError, match="divides by 0"):
+            compile_value(f"(fare + 1) / {divisor}", {"fare"})
+    with pytest.raises(ConfigError, match="names no field"):
+        compile_value("2 / 3", {"fare"})
+    assert compile_value("fare / (1 - 0.5)", {"fare"})[0]({"fare": 3.0}) == 6.0
 
 
 NULLS_DEFS = """

@@ -56,6 +56,9 @@ def test_a_version_is_the_definitions_with_its_overrides(tmp_path: Path) -> None
     assert stable.version_spec("small-hll").changes() == "distinct_users: lg_k = 10; worker take_max = 2000"
     gc_off = load_definitions(_defs(tmp_path, '[[version]]\nlabel = "gc-off"\n[version.worker]\ngc_young = 0\n'))
     assert gc_off.version_spec("gc-off").worker_env() == {"BATCHMARK_GC_YOUNG": "0"}  # Python's own GC, to compare
+    fine = '[[version]]\nlabel = "fine"\n[version.worker]\ntake_within = 0.5\ncheckpoint_interval_s = 0.2\n'
+    spec = load_definitions(_defs(tmp_path, fine)).version_spec("fine")  # fractions below 1 are settings too
+    assert spec.worker_env() == {"BATCHMARK_TAKE_WITHIN": "0.5", "BATCHMARK_CHECKPOINT_INTERVAL_S": "0.2"}
     assert stable.version_spec("stable").changes() == "nothing"
 
 
@@ -68,8 +71,10 @@ def test_a_version_is_the_definitions_with_its_overrides(tmp_path: Path) -> None
         ('[[version]]\nlabel = "x"\n[version.metrics.jobs]\nkind = "sum"\n', "metrics.jobs.kind cannot be changed"),
         ('[[version]]\nlabel = "x"\n[version.worker]\ntake_mx = 5\n', "worker.take_mx is not a worker setting"),
         ('[[version]]\nlabel = "x"\n[version.worker]\ntake_max = 0.5\n', "worker.take_max must be a whole number"),
-        ('[[version]]\nlabel = "x"\n[version.worker]\ntake_max = 0\n', "worker.take_max must be above 0"),
-        ('[[version]]\nlabel = "x"\n[version.worker]\ngc_young = -1\n', "worker.gc_young must be at least 0"),
+        ('[[version]]\nlabel = "x"\n[version.worker]\ntake_max = 0\n', "take_max must be a whole number from 1 to"),
+        ('[[version]]\nlabel = "x"\n[version.worker]\ngc_young = -1\n', "gc_young must be a whole number from 0"),
+        ('[[version]]\nlabel = "x"\n[version.worker]\ntake_within = 0\n', "take_within must be a number from 0.001"),
+        ('[[version]]\nlabel = "x"\n[version.worker]\nmax_fetch_size = 1\n', "max_fetch_size must be a whole"),
         ('[[version]]\nlabel = "x"\n[[version]]\nlabel = "x"\n', "labels must be unique"),
     ],
 )

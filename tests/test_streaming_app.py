@@ -36,12 +36,26 @@ def test_worker_knobs_refuse_values_that_are_not_numbers_of_their_kind(monkeypat
     monkeypatch.setenv("BATCHMARK_TAKE_WITHIN", "0.5")
     knobs = Knobs.from_env()
     assert (knobs.gc_young, knobs.take_within, knobs.take_max) == (0, 0.5, Knobs().take_max)
-    for name, raw in (("BATCHMARK_GC_YOUNG", "lots"), ("BATCHMARK_GC_YOUNG", "-1"), ("BATCHMARK_TAKE_MAX", "0"),
-                      ("BATCHMARK_TAKE_WITHIN", "nan"), ("BATCHMARK_TAKE_MAX", "1.5")):  # fmt: skip
+    refused = [("BATCHMARK_GC_YOUNG", "lots"), ("BATCHMARK_GC_YOUNG", "-1"), ("BATCHMARK_GC_YOUNG", str(2**31)),
+               ("BATCHMARK_TAKE_MAX", "0"), ("BATCHMARK_TAKE_MAX", "1.5"), ("BATCHMARK_TAKE_WITHIN", "nan"),
+               ("BATCHMARK_TAKE_WITHIN", "0"), ("BATCHMARK_TAKE_WITHIN", "inf"),  # 0: a fetch that never waits
+               ("BATCHMARK_CHECKPOINT_INTERVAL_S", "inf"), ("BATCHMARK_MAX_FETCH_SIZE", "1")]  # fmt: skip
+    for name, raw in refused:
         monkeypatch.setenv(name, raw)
-        with pytest.raises(ConfigError, match=f"{name}='{raw}': set it to an? (integer|number) of at least"):
+        with pytest.raises(ConfigError, match=rf"{name}='{raw}' must be a (whole )?number from .* \(default "):
             Knobs.from_env()
         monkeypatch.delenv(name)
+
+
+def test_the_worker_knobs_and_a_versions_worker_table_are_one_list_with_one_range_each() -> None:
+    import dataclasses
+
+    from batchmark.definitions import WORKER_KNOBS
+    from streaming.worker import Knobs
+
+    defaults = Knobs()
+    assert set(WORKER_KNOBS) == {f.name for f in dataclasses.fields(Knobs)}
+    assert all(knob.check(getattr(defaults, name)) is None for name, knob in WORKER_KNOBS.items())
 
 
 def test_tune_gc_freezes_startup_objects_and_still_collects_cycles() -> None:
