@@ -190,7 +190,8 @@ def raw_records_consumer(**kwargs: Any) -> Any:
     building a ``ConsumerRecord`` for each: that copy was an eighth of the stream worker's CPU (bench/stream).
 
     Per consumer: only this instance's fetcher is changed, so Faust's consumers in the same process are not.
-    Fetches buffered before the hook took are switched as well; no deserializers (bytes in, bytes out). ``uses_raw_records`` tells whether the hook took (tests check it on the pinned aiokafka).
+    Fetches buffered before the hook took are switched as well; no deserializers (bytes in, bytes out).
+    ``uses_raw_records`` tells whether the hook took (tests check it on the pinned aiokafka).
     """
     from aiokafka import AIOKafkaConsumer
 
