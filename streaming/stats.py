@@ -1,13 +1,14 @@
 """A worker's own statistics in a file: streaming.worker.WorkerHooks, installed by streaming.app when
 BATCHMARK_BENCH_STATS names the file to write. bench/stream/run.py and the Kappa comparison (batchmark.kappa)
-start their workers so: wall times of the first and last record, window close -> visible latency, and the state
-bytes of each closed window per metric.
+start their workers so: wall times of the first and last record, window close -> visible latency, the state
+bytes of each closed window per metric, and the time the cyclic GC took.
 """
 
 from __future__ import annotations
 
 import bisect
 import dataclasses
+import gc
 import json
 import os
 import time
@@ -38,6 +39,20 @@ class BenchStats:
         self.history: dict[int, list[tuple[int, float]]] = {}  # partition -> [(watermark after, batch start)]
         self.latencies: list[float] = []
         self.seen: set[tuple[int, int, int]] = set()
+        # the cyclic GC's time and collections per generation, from the first record on (gc.callbacks)
+        self.gc_s = 0.0
+        self.gc_runs = [0, 0, 0]
+        self._gc_t0 = 0.0
+        gc.callbacks.append(self._gc)
+
+    def _gc(self, phase: str, info: dict[str, Any]) -> None:
+        if self.first_wall is None:
+            return
+        if phase == "start":
+            self._gc_t0 = time.perf_counter()
+        else:
+            self.gc_s += time.perf_counter() - self._gc_t0
+            self.gc_runs[info["generation"]] += 1
 
     def batch_start(self, processor: Any, n: int) -> None:
         self.t_batch = self.time()
@@ -92,6 +107,8 @@ class BenchStats:
             "records": self.records,
             "latencies_s": self.latencies,
             "cpu_s": time.process_time() - self.cpu0 if self.cpu0 is not None else None,
+            "gc_s": self.gc_s,
+            "gc_collections": self.gc_runs,
             "summary": processor.summary(),
             "state_bytes": self.state_bytes,
             "settings": dataclasses.asdict(self.knobs),

@@ -345,6 +345,11 @@ def run_product(
         "rss_at_end_mb": round(sampler.samples[-1][2] / 2**20, 1),
         "cpu_s": round(cpu, 2),
         "cpu_s_per_million": round(cpu / n_events * 1e6, 1),
+        # the cyclic GC inside that CPU (the stats file's gc.callbacks; a baseline from before them has none)
+        "gc_s_per_million": (
+            round(sum(x["gc_s"] for x in stats) / n_events * 1e6, 2) if all("gc_s" in x for x in stats) else None
+        ),
+        "gc_collections": [sum(x.get("gc_collections", [0, 0, 0])[g] for x in stats) for g in range(3)],
         "rejected": sum(s["rejected"] for s in summary),
         "late_events": int(late_n),
         "windows_written": sum(s["windows_written"] for s in summary),
@@ -462,6 +467,14 @@ def main() -> int:
         help="extra environment of the product worker, e.g. BATCHMARK_TAKE_MAX=20000",
     )
     ap.add_argument(
+        "--baseline-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment of the --baseline-ref worker only, after --product-env (e.g. --baseline-ref HEAD "
+        "--baseline-env BATCHMARK_GC_YOUNG=0: one knob against its default, same code, same run)",
+    )
+    ap.add_argument(
         "--profile",
         metavar="FILE",
         help="py-spy record 15 s of the first product worker (FILE.json: speedscope, else collapsed stacks)",
@@ -557,6 +570,7 @@ def main() -> int:
             }
             if root is not None:
                 run_env["BENCH_PRODUCT_ROOT"] = str(root)
+                run_env |= dict(kv.partition("=")[::2] for kv in args.baseline_env)
             b0 = sum(broker_proc.cpu_times()[:2])
             run_work = work / f"run-{i}"
             run_work.mkdir()
@@ -566,6 +580,9 @@ def main() -> int:
             prod["broker_cpu_s"] = round(sum(broker_proc.cpu_times()[:2]) - b0, 2)
             label = f"baseline {args.baseline_ref}" if root is not None else "product"
             prod["code"] = args.baseline_ref if root is not None else "this checkout"
+            if root is not None and args.baseline_env:
+                prod["env"] = args.baseline_env
+                prod["code"] += " " + " ".join(kv.removeprefix("BATCHMARK_") for kv in args.baseline_env)
             print(f"{label}, {workers} worker(s):  {prod['events_per_s']:,} events/s over {prod['seconds']}s")
             checks.append(compare(f"{label} ({workers}w) == dataset", only(prod_values, {m.name for m in exact}), want))
             if root is not None:
@@ -678,6 +695,7 @@ def print_table(r: dict) -> None:
         ("events/s", lambda c: f"{c['events_per_s']:,}"),
         ("peak RSS MB", lambda c: c["peak_rss_mb"]),
         ("worker CPU s / 1M events", lambda c: c["cpu_s_per_million"]),
+        ("  of which cyclic GC s / 1M events", lambda c: c.get("gc_s_per_million") or "-"),
         ("broker CPU s (this run)", lambda c: c["broker_cpu_s"]),
         ("close->visible p50/p90/p99/max s", lat),
     ]
