@@ -52,9 +52,9 @@ def category(fs: list[tuple[str, str]]) -> str:
         if "dead_letter" in names:
             return "ours: process / dead letter"
         return "ours: process / other"
-    if "_BenchStats" in joined:
+    if "BenchStats." in joined:
         return "bench instrumentation"
-    if "_checkpoint" in names or "_idle_checkpoint" in names:
+    if "StreamWorker.checkpoint" in names or "StreamWorker.idle_checkpoint" in names:
         return "ours: checkpoint / producer flush, kafka commit"
     if names and (names[-1] in ("select", "poll") or "selectors.py" in files[-1]):
         return "idle (select: waiting for the broker / timers)"

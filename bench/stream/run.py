@@ -695,7 +695,10 @@ def print_table(r: dict) -> None:
         ("events/s", lambda c: f"{c['events_per_s']:,}"),
         ("peak RSS MB", lambda c: c["peak_rss_mb"]),
         ("worker CPU s / 1M events", lambda c: c["cpu_s_per_million"]),
-        ("  of which cyclic GC s / 1M events", lambda c: c.get("gc_s_per_million") or "-"),
+        (
+            "  of which cyclic GC s / 1M events",
+            lambda c: "-" if c.get("gc_s_per_million") is None else c["gc_s_per_million"],
+        ),  # noqa: E501
         ("broker CPU s (this run)", lambda c: c["broker_cpu_s"]),
         ("close->visible p50/p90/p99/max s", lat),
     ]
