@@ -112,8 +112,8 @@ class LakeWriter:
             n = len(offsets)
             arrays = [pa.array(col, type=self.schema.field(i).type) for i, col in enumerate(columns[:-2])]
             arrays += [
-                pa.array([self.epoch] * n, pa.string()),
-                pa.array([self.partition] * n, pa.int32()),
+                pa.repeat(pa.scalar(self.epoch, pa.string()), n),  # constant columns, without a list of n
+                pa.repeat(pa.scalar(self.partition, pa.int32()), n),
                 pa.array(offsets, pa.int64()),
                 pa.array(columns[-1], pa.int64()),
             ]
