@@ -48,8 +48,7 @@ class Knobs:
 
     @staticmethod
     def from_env() -> Knobs:
-        """The knobs from BATCHMARK_* variables; a value that is not a number of the knob's kind is refused."""
-
+        """The knobs from BATCHMARK_* variables; a value outside the knob's kind or range is refused."""
         d, values = Knobs(), {}
         for name, knob in WORKER_KNOBS.items():  # names, kinds and ranges: one table (batchmark.definitions)
             raw = os.environ.get(knob.env, "").strip()
@@ -74,8 +73,10 @@ def tune_gc(young: int) -> bool:
     collections that also walk every object of Faust, aiokafka and pyarrow: a fifth of the worker's CPU
     (bench/stream). So once the worker has started, what exists then is frozen (``gc.freeze``: never traced
     again; these are the modules, the app and its services, which live as long as the process) and the young
-    generation is collected every `young` allocations. Full collections still run (every 200 young ones, when
-    a quarter of the traced objects are new: Python's own rule), so cyclic garbage is still freed, later.
+    generation is collected once `young` more containers are alive than at the last collection (what reference
+    counts free does not count, so a batch's dicts never trigger one). Full collections still run (every 200
+    young ones, when a quarter of the traced objects are new: Python's own rule), so cyclic garbage, which
+    reference counts never free, is still collected, later.
     """
     if young <= 0:
         return False
