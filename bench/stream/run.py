@@ -200,6 +200,11 @@ def _log(path: Path):  # noqa: ANN202
     return open(path, "wb")  # noqa: SIM115 (the child process keeps it)
 
 
+def env_pairs(pairs: list[str]) -> dict[str, str]:
+    """KEY=VALUE options (--product-env, --baseline-env) as a dict."""
+    return {k: v for k, _, v in (kv.partition("=") for kv in pairs)}
+
+
 def stop_proc(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -548,9 +553,7 @@ def main() -> int:
             "BATCHMARK_DLQ_TOPIC": p_topic + ".dlq",
             "BATCHMARK_PARTITIONS": str(args.partitions),
         }
-        for kv in args.product_env:
-            k, _, v = kv.partition("=")
-            env[k] = v
+        env |= env_pairs(args.product_env)
         product_runs = []
         checks = []
         runs = [(workers, None) for workers in worker_counts]
@@ -570,7 +573,7 @@ def main() -> int:
             }
             if root is not None:
                 run_env["BENCH_PRODUCT_ROOT"] = str(root)
-                run_env |= dict(kv.partition("=")[::2] for kv in args.baseline_env)
+                run_env |= env_pairs(args.baseline_env)
             b0 = sum(broker_proc.cpu_times()[:2])
             run_work = work / f"run-{i}"
             run_work.mkdir()
@@ -698,7 +701,7 @@ def print_table(r: dict) -> None:
         (
             "  of which cyclic GC s / 1M events",
             lambda c: "-" if c.get("gc_s_per_million") is None else c["gc_s_per_million"],
-        ),  # noqa: E501
+        ),
         ("broker CPU s (this run)", lambda c: c["broker_cpu_s"]),
         ("close->visible p50/p90/p99/max s", lat),
     ]
